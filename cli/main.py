@@ -1,0 +1,103 @@
+"""The ``raeflow`` command: parses arguments and delegates to the library. No logic lives here."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+import raeflow
+
+app = typer.Typer(help="Train, run and serve the autoencoder family on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"raeflow {raeflow.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    pass
+
+
+def _fail(e: Exception) -> None:
+    """User errors (bad path, bad config, unknown name) end with one clear line and exit code 2."""
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError, NotImplementedError)
+
+
+@app.command()
+def variants():
+    """List the autoencoder variants, one line each."""
+    from raeflow.registry import variant_summaries
+
+    for name, summary in variant_summaries().items():
+        typer.echo(f"{name:<12} {summary}")
+
+
+@app.command()
+def datasets():
+    """List the built-in datasets and how to use your own data."""
+    from raeflow.data.core import known_datasets
+
+    for name, ds in sorted(known_datasets().items()):
+        typer.echo(f"{name:<14} {ds.kind:<6} {ds.summary}")
+    typer.echo("\nOr a path: a folder of images (subfolders = classes), a folder of .txt files, a .jsonl file "
+               "with a 'text' field, or Parquet with an 'image' or 'text' column.")
+
+
+@app.command()
+def train(
+    variant: str = typer.Option("ae", "--variant", "-v", help="Variant name (see `raeflow variants`)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Built-in name, name:split or a path."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Data-parallel Ray Train workers."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", "-k"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config; flags override it."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set model.hidden=[500,250]."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory (default runs/<variant>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Shared checkpoint storage URI."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS)."),
+    local: bool = typer.Option(False, "--local", help="Train in this process without Ray (debugging, baseline)."),
+):
+    """Train a variant (on Ray Train unless --local) and write its run directory."""
+    from raeflow.cli.common import build_run_config
+    from raeflow.train.run import train as run_train
+
+    try:
+        cfg = build_run_config(config, set_, variant=variant, dataset=dataset, workers=workers, gpu=gpu,
+                               epochs=epochs, batch_size=batch_size, lr=lr, latent_dim=latent_dim, output=output,
+                               seed=seed, storage_path=storage_path, address=address)
+        run_train(cfg, resume=resume, local=local)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+def not_yet(command: str) -> None:
+    typer.secho(f"`raeflow {command}` is not available in this version yet.", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(2)
+
+
+# Each command family lives in its own module with a `register(app)`; `bench` is a group its modules extend.
+bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios (see BENCHMARKS.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+from raeflow.cli import embed_cmd, eval_cmd, finetune_cmd, serve_cmd  # noqa: E402
+
+for _module in (finetune_cmd, embed_cmd, serve_cmd, eval_cmd):
+    _module.register(app, bench_app)
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

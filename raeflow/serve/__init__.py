@@ -1,0 +1,1 @@
+"""Ray Serve: the HTTP endpoints for generator and denoiser models."""

@@ -1,0 +1,1 @@
+"""Training: the plain trainer (loop), the run directory, and the engines (in-process, Ray Train)."""

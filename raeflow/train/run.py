@@ -1,0 +1,174 @@
+"""``raeflow train``: load data, build the model, run an engine (Ray Train or in-process), save and plot.
+
+Linear on purpose: everything a run does is readable top to bottom in :func:`train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from raeflow.config import RunConfig
+from raeflow.data import TrainingData, load_training_data
+from raeflow.io import save_model
+from raeflow.registry import build_model
+from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything
+from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int
+    best_epoch: int
+    best: float
+    selection_metric: str
+    wall_s: float
+    final_metrics: dict[str, float]
+
+
+def default_output(variant: str) -> str:
+    return str(Path("runs") / f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def model_config(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
+    """The variant's constructor arguments: the user's ``model:`` section plus what the data decides."""
+    mc = dict(cfg.model)
+    mc["input_shape"] = list(data.train.shape)
+    if data.train.classes and "num_classes" in _init_params(cfg.variant):
+        mc.setdefault("num_classes", len(data.train.classes))
+    return mc
+
+
+def _init_params(variant: str) -> set[str]:
+    import inspect
+
+    from raeflow.registry import get_variant
+
+    return set(inspect.signature(get_variant(variant).cls.__init__).parameters)
+
+
+def epoch_line(r: EpochResult, total: int) -> str:
+    """The live progress line: epoch, stage, the loss terms, throughput."""
+    keys = [k for k in r.metrics if k.startswith(("train_", "val_")) and not k.endswith("_n")]
+    terms = " ".join(f"{k}={r.metrics[k]:.4g}" for k in keys[:8])
+    best = " *" if r.is_best else ""
+    return (f"epoch {r.epoch}/{total} [{r.stage}] {terms} | {r.metrics['samples_per_s']:.0f} samples/s "
+            f"{r.metrics['epoch_s']:.1f}s{best}")
+
+
+def metrics_row(r: EpochResult) -> dict[str, Any]:
+    return {"epoch": r.epoch, "stage": r.stage, **{k: v for k, v in r.metrics.items()},
+            "best": r.is_best, "time": time.time()}
+
+
+def threads_per_worker(workers: int, requested: int | None) -> int:
+    if requested:
+        return requested
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bool,
+              log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Train in this process (no Ray); returns the selected (best) model state."""
+    torch.set_num_threads(threads_per_worker(1, cfg.train.threads))
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(model, cfg.train, log=log)
+    if resume and (run.checkpoints / "latest" / "checkpoint.pt").is_file():
+        trainer.load_state_dict(load_checkpoint(run.checkpoints / "latest"))
+        run.truncate_metrics(trainer.progress.epoch)
+        log(f"resumed {run.path} at epoch {trainer.progress.epoch}")
+    x = torch.from_numpy(data.train.x)
+    y = None if data.train.y is None else torch.from_numpy(data.train.y)
+    bs = min(cfg.train.batch_size, len(x))
+    batches = TensorBatches(x, y, bs, seed=cfg.train.seed)
+    val_batches = None
+    if data.val is not None:
+        vx = torch.from_numpy(data.val.x)
+        vy = None if data.val.y is None else torch.from_numpy(data.val.y)
+        val = TensorBatches(vx, vy, max(bs, 512), shuffle=False, drop_last=False)
+        val_batches = lambda: val  # noqa: E731
+
+    def train_batches(epoch: int):
+        batches.set_epoch(epoch)
+        return batches
+
+    def on_epoch_end(r: EpochResult) -> None:
+        run.append_metrics(metrics_row(r))
+        log(epoch_line(r, trainer.total_epochs))
+        state = trainer.state_dict()
+        if r.epoch % cfg.train.checkpoint_every == 0 or r.final:
+            save_checkpoint(state, run.checkpoints / f"epoch-{r.epoch:04d}")
+            save_checkpoint(state, run.checkpoints / "latest")
+            old = sorted(run.checkpoints.glob("epoch-*"))[:-cfg.train.keep_checkpoints or None]
+            for d in old:
+                for f in d.iterdir():
+                    f.unlink()
+                d.rmdir()
+        if r.is_best:
+            save_checkpoint({"model": state["model"], "epoch": r.epoch}, run.checkpoints / "best")
+
+    trainer.fit(train_batches, val_batches, len(batches), on_epoch_end)
+    best = run.checkpoints / "best"
+    if (best / "checkpoint.pt").is_file():
+        return load_checkpoint(best)["model"]
+    return trainer.model.state_dict()
+
+
+def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg.variant`` on ``cfg.data`` and write the run directory."""
+    t0 = time.perf_counter()
+    if resume:
+        if not cfg.output:
+            raise ValueError("--resume needs --output: the run directory to continue")
+        saved = RunDir(cfg.output).config()
+        saved.ray = cfg.ray  # resources may change on resume; what is trained may not
+        cfg = saved
+    cfg.output = cfg.output or default_output(cfg.variant)
+    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                              weighting=cfg.data.weighting)
+    mc = model_config(cfg, data)
+    model = build_model(cfg.variant, **mc)  # fails on a bad model config before any directory is made
+    run = RunDir.create(cfg, resume=resume)
+    log(f"{cfg.variant}: {sum(p.numel() for p in model.parameters()):,} parameters; data {data.train.name} "
+        f"train {len(data.train):,} val {0 if data.val is None else len(data.val):,} shape {data.train.shape}")
+    if local:
+        best_state = fit_local(cfg, model, data, run, resume, log)
+    else:
+        from raeflow.train.ray_engine import fit_ray  # Ray is imported only on this path
+
+        best_state = fit_ray(cfg, model, data, run, resume, log)
+    model.load_state_dict(best_state)
+    model.eval()
+    vec = data.vectoriser.to_json() if data.vectoriser is not None else None
+    save_model(model, run.model, data=data.train.meta(), vectoriser=vec)
+    rows = run.read_metrics()
+    from raeflow.plots import plot_run
+
+    plot_run(run, model, data, log=log)
+    sel = model.selection_metric
+    finals = [r for r in rows if sel in r or sel.replace("val_", "train_") in r]
+    best_row = min(finals, key=lambda r: r.get(sel, r.get(sel.replace("val_", "train_"), math.inf)), default={})
+    result = TrainResult(run.path, len(rows), best_row.get("epoch", -1),
+                         best_row.get(sel, best_row.get(sel.replace("val_", "train_"), math.nan)), sel,
+                         time.perf_counter() - t0, rows[-1] if rows else {})
+    log(summary_table(result, rows))
+    return result
+
+
+def summary_table(result: TrainResult, rows: list[dict[str, Any]]) -> str:
+    lines = ["", f"{'epoch':>5} {'stage':<12} {'train_loss':>11} {'val_loss':>11} {'samples/s':>10}"]
+    for r in rows:
+        lines.append(f"{r['epoch']:>5} {r['stage']:<12} {r.get('train_loss', math.nan):>11.4f} "
+                     f"{r.get('val_loss', math.nan):>11.4f} {r.get('samples_per_s', 0):>10.0f}"
+                     + ("  *" if r.get("best") else ""))
+    lines += ["", f"selected epoch {result.best_epoch} by {result.selection_metric} = {result.best:.4f}; "
+                  f"wall {result.wall_s:.1f}s",
+              f"run directory: {result.run_dir}  (model/, metrics.jsonl, plots/, run.yaml)"]
+    return "\n".join(lines)
