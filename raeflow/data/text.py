@@ -110,14 +110,17 @@ def read_text_file(path: str | Path) -> str:
 
 WEIGHTINGS = ("counts", "log", "tfidf", "prob")
 _FORMAT = "raeflow-vectoriser/1"
-_TOKEN = re.compile(r"[^\W\d_]+")  # runs of letters (any alphabet), after lower-casing
+# Runs of two or more letters (any alphabet), after lower-casing. Single letters are dropped as scikit-learn's
+# tokeniser does (its stop-word list assumes that): the corpora split "it's" into "it s", and "s"/"t" would
+# otherwise be the two most frequent stems of 20 Newsgroups.
+_TOKEN = re.compile(r"[^\W\d_]{2,}")
 _STEMMER = "snowball-english"
 
 
 class Vectoriser:
     """Documents -> ``(N, V)`` float32 rows in [0, 1] over the ``vocab_size`` most frequent training stems.
 
-    Tokens are lower-cased letter runs; scikit-learn's English stop words are dropped, the rest stemmed with
+    Tokens are lower-cased runs of 2+ letters; scikit-learn's English stop words are dropped, the rest stemmed with
     Snowball (English). Weighting: ``counts``, ``log`` (log1p of counts), ``tfidf`` (smoothed idf
     ``ln((1+n)/(1+df)) + 1`` from the training documents) — each row then L2-normalised — or ``prob``
     (counts / the document's in-vocabulary word count: the paper's word probabilities, summing to 1).
@@ -168,7 +171,7 @@ class Vectoriser:
                 raise TypeError(f"document {i} is a {type(d).__name__}, not a string")
         return docs
 
-    def fit(self, docs: Sequence[str]) -> "Vectoriser":
+    def fit(self, docs: Sequence[str]) -> Vectoriser:
         """Choose the vocabulary (most frequent stems, ties alphabetical) and idf from the training documents."""
         docs = self._check_docs(docs)
         if len(docs) == 0:
@@ -227,7 +230,7 @@ class Vectoriser:
                 "vocabulary": list(self.vocabulary), "idf": None if self.idf is None else self.idf.tolist()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Vectoriser":
+    def from_json(cls, d: dict[str, Any]) -> Vectoriser:
         if d.get("format") != _FORMAT:
             raise ValueError(f"not a saved Vectoriser (format {d.get('format')!r}, expected {_FORMAT!r})")
         if d["token_pattern"] != _TOKEN.pattern or d["stemmer"] != _STEMMER:
