@@ -115,7 +115,7 @@ def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]
         made.append(run.plots / "loss.png")
     sample = data.val if data.val is not None else data.train
     model.eval()
-    if _is_image(model.input_shape):
+    if _is_image(model.input_shape) and hasattr(model, "reconstruct"):  # classifiers do not reconstruct
         reconstruction_grid(model, sample.x, run.plots / "reconstructions.png")
         made.append(run.plots / "reconstructions.png")
         if model.has_prior and model.latent_dim == 2:

@@ -1,0 +1,82 @@
+"""``raeflow finetune``: turn a trained autoencoder's encoder into a classifier and train it on labels.
+
+It builds a :class:`~raeflow.models.classifier.Classifier` whose encoder starts from the trained weights, then
+hands it to :func:`raeflow.train.run.train`, so fine-tuning runs on the same engines (in-process with
+``local=True``, else Ray Train), writes the same run directory (``model/`` is the classifier; ``metrics.jsonl``
+has ``val_error``, by which the epoch kept is chosen) and takes the same ``--set`` overrides as ``train``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from raeflow.config import RunConfig
+from raeflow.data import TrainingData, load_eval_data, validation_size
+from raeflow.io import load_model, model_dir, model_sha256, read_config, read_vectoriser
+from raeflow.models.classifier import Classifier
+from raeflow.registry import get_variant
+from raeflow.train.run import TrainResult, train
+
+
+def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = None) -> TrainingData:
+    """The training split of ``spec`` (less a validation tail, as ``train`` carves it), preprocessed as the
+    encoder's training data was: documents go through the encoder's own ``vectoriser`` (not a new one fitted
+    here, whose vocabulary would not match the encoder's inputs)."""
+    full = load_eval_data(spec, vectoriser, default_split="train")
+    if full.split == "test":
+        raise ValueError(f"{spec}: the test split is for `raeflow eval`, not for fine-tuning")
+    if full.y is None:
+        raise ValueError(f"{spec} has no labels, and fine-tuning a classifier needs them (a folder of images "
+                         "needs one subfolder per class; .jsonl/Parquet rows a 'label' field)")
+    n = len(full)
+    k = validation_size(n, val_size)
+    train_part = full.subset(slice(0, n - k), "train")
+    val = full.subset(slice(n - k, n), "val") if k else None
+    return TrainingData(train_part, val, vectoriser)
+
+
+def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike | None = None, *,
+             epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+             workers: int | None = None, head_hidden: int | None = None, local: bool = False,
+             sets: Sequence[str] = (), log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune the encoder of the autoencoder in ``model`` (a run or model directory) as a classifier of
+    ``dataset``'s labels; writes the run directory ``output`` and returns :func:`train`'s result.
+
+    ``sets`` are ``section.key=value`` overrides of the run config (``train.weight_decay=1e-4``,
+    ``train.stage_epochs.finetune=30``, ``data.val_size=5000``...); the explicit arguments win over them.
+    """
+    src = model_dir(model)
+    saved = read_config(src)
+    info = get_variant(saved["variant"])
+    if info.kind != "autoencoder":
+        raise ValueError(f"{src} holds a {saved['variant']!r} ({info.kind}), not an autoencoder to fine-tune")
+    vec_json = read_vectoriser(src)
+    vectoriser = None
+    if vec_json is not None:
+        from raeflow.data.text import Vectoriser
+
+        vectoriser = Vectoriser.from_json(vec_json)
+
+    cfg = RunConfig().override(list(sets))
+    cfg.data.dataset = dataset
+    for section, key, value in (("train", "epochs", epochs), ("train", "lr", lr),
+                                ("train", "batch_size", batch_size), ("ray", "workers", workers)):
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    if vectoriser is not None:  # run.yaml records the vectoriser the data went through
+        cfg.data.vocab_size, cfg.data.weighting = vectoriser.vocab_size, vectoriser.weighting
+    cfg.output = str(output) if output else str(Path("runs") / f"{saved['variant']}-finetune-"
+                                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+    data = labelled_data(dataset, vectoriser, cfg.data.val_size)
+    classes = data.train.classes
+    num_classes = len(classes) if classes else int(data.train.y.max()) + 1
+    base = load_model(src)
+    clf = Classifier.from_autoencoder(base, num_classes, head_hidden, input_shape=data.train.shape,
+                                      pretrained={"path": str(src), "variant": saved["variant"],
+                                                  "sha256": model_sha256(src)})
+    log(f"fine-tuning the {saved['variant']} encoder of {src} as a {num_classes}-class classifier "
+        f"({clf.feature_dim} features{f', head {head_hidden}' if head_hidden else ''})")
+    return train(cfg, local=local, log=log, model=clf, data=data)

@@ -1,0 +1,128 @@
+"""Stacked denoising autoencoder (Vincent et al. 2010): greedy layer-wise denoising pretraining, then fine-tuning.
+
+Stage ``pretrain-k`` trains layer k alone as a one-layer denoising AE: its input is the clean output of the
+(frozen) layers below, corrupted; it reconstructs that clean input through its own decoder ``dec{k}``. Stage
+``finetune`` then trains the whole encoder stack plus a softmax head with cross-entropy on labels, and the model
+is selected by validation error, as in the paper (its MNIST figure: SdA-3, masking 25%, 1.28% test error).
+
+Layers are attributes ``enc1, enc2, ...`` / ``dec1, dec2, ...`` (not a ModuleList) because ``Stage.frozen`` and
+``Phase.modules`` name attributes. Each stage freezes every module it does not train, not only the layers below:
+under DistributedDataParallel a parameter that requires a gradient but receives none is an error.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruction_loss
+from raeflow.models.classifier import classification_terms
+from raeflow.registry import register_model
+
+#: Vincent et al.'s MNIST setting: each input zeroed with probability 0.25.
+DEFAULT_CORRUPTION = {"kind": "masking", "level": 0.25}
+
+
+@register_model("sdae", "stacked denoising autoencoder: layer-wise pretraining, then supervised fine-tuning "
+                        "(Vincent et al. 2010)")
+class StackedDAE(Autoencoder):
+    """``D -> hidden[0] -> ... -> hidden[-1]`` sigmoid layers, one decoder per layer, and a softmax head.
+
+    ``latent_dim``, when given, is the width of the top layer (the code) and replaces ``hidden[-1]``; by default
+    the code is ``hidden[-1]``. ``corruption=None`` turns the denoising off (plain stacked autoencoders).
+    """
+
+    selection_metric = "val_error"
+
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),
+                 num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
+                 corruption: dict | None = DEFAULT_CORRUPTION):
+        widths = [int(h) for h in hidden]
+        if latent_dim is not None:
+            if not widths:
+                widths = [int(latent_dim)]
+            widths[-1] = int(latent_dim)
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"sdae needs at least one hidden layer of positive width; got {list(hidden)}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+        super().__init__(input_shape, widths[-1], loss, corruption)
+        self.sizes = [self.input_dim, *widths]  # [D, h1, ..., hn]
+        self.num_layers = len(widths)
+        self.num_classes = int(num_classes)
+        for k in range(1, self.num_layers + 1):
+            # enc{k}: (B, sizes[k-1]) -> (B, sizes[k]) sigmoid units; dec{k}: back, pre-activation.
+            setattr(self, f"enc{k}", nn.Sequential(nn.Linear(self.sizes[k - 1], self.sizes[k]), nn.Sigmoid()))
+            setattr(self, f"dec{k}", nn.Linear(self.sizes[k], self.sizes[k - 1]))
+        self.head = nn.Linear(self.sizes[-1], self.num_classes)  # (B, hn) -> (B, classes) logits
+
+    # ------------------------------------------------------------------------------------------ plan
+    def _names(self, prefix: str) -> list[str]:
+        return [f"{prefix}{k}" for k in range(1, self.num_layers + 1)]
+
+    def stages(self, plan: TrainPlan) -> list[Stage]:
+        everything = [*self._names("enc"), *self._names("dec"), "head"]
+        out = []
+        pre = plan.epochs_for("pretrain")
+        if pre > 0:  # pretrain=0: the randomly initialised baseline of the paper's comparison
+            for k in range(1, self.num_layers + 1):
+                trained = [f"enc{k}", f"dec{k}"]
+                out.append(Stage(f"pretrain-{k}", pre, phases=[Phase("main", modules=trained)],
+                                 frozen=[m for m in everything if m not in trained]))
+        tuned = [*self._names("enc"), "head"]
+        out.append(Stage("finetune", plan.epochs_for("finetune"), phases=[Phase("main", modules=tuned)],
+                         supervised=True, frozen=self._names("dec")))
+        return out
+
+    # ------------------------------------------------------------------------------------------ layers
+    def _hidden(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Output of layers 1..upto: (B, *input_shape) -> (B, sizes[upto]); upto=0 is the flattened input."""
+        h = x.flatten(1)
+        for k in range(1, upto + 1):
+            h = getattr(self, f"enc{k}")(h)
+        return h
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._hidden(x, self.num_layers)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoders stacked in reverse: dec_n, sigmoid, ..., dec_1 (pre-activation, (B, D))."""
+        h = z
+        for k in range(self.num_layers, 0, -1):
+            h = getattr(self, f"dec{k}")(h)
+            if k > 1:
+                h = torch.sigmoid(h)  # the layer below's units are sigmoid
+        return h
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [getattr(self, f"enc{k}") for k in range(1, self.num_layers + 1)]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, *input_shape) -> (B, num_classes) logits."""
+        return self.head(self._encode(x))
+
+    def _layer_loss_kind(self, k: int) -> str:
+        # Layer 1 reconstructs the data with the configured loss; higher layers reconstruct sigmoid units in
+        # (0, 1), for which cross-entropy (Vincent et al.'s choice for such inputs) or squared error is apt.
+        if k == 1:
+            return self.loss_kind
+        return "bce" if self.loss_kind == "bce" else "mse"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, stage: str = "finetune",
+                phase: str = "main") -> dict[str, torch.Tensor]:
+        if stage.startswith("pretrain-"):
+            k = int(stage.rsplit("-", 1)[1])
+            if not 1 <= k <= self.num_layers:
+                raise ValueError(f"sdae has {self.num_layers} layers; no stage {stage!r}")
+            with torch.no_grad():  # the layers below are frozen: their clean output is this layer's data
+                clean = self._hidden(x, k - 1)  # (B, sizes[k-1])
+            raw = getattr(self, f"dec{k}")(getattr(self, f"enc{k}")(self.corrupt(clean)))
+            recon = reconstruction_loss(raw, clean, self._layer_loss_kind(k))
+            return {"loss": recon, "recon": recon}
+        if stage == "finetune":
+            if y is None:
+                raise ValueError("sdae's finetune stage needs labels")
+            return classification_terms(self.predict(x), y)
+        raise ValueError(f"sdae has no stage {stage!r}; its stages are pretrain-1..pretrain-{self.num_layers} "
+                         "and finetune")
