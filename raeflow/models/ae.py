@@ -42,6 +42,12 @@ class DenseAE(Autoencoder):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return _CODE_ACTS[self.code_activation](self.encoder(x.flatten(1)))
 
+    def encoder_modules(self) -> list[nn.Module]:
+        # The code activation lives in _encode, outside self.encoder: append it so that a fine-tuned classifier
+        # sees the code itself (without it a one-layer sigmoid CAE would become a linear model plus a head).
+        act = {"linear": None, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}[self.code_activation]
+        return [self.encoder] if act is None else [self.encoder, act()]
+
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         if not self.tied:
             return self.decoder(z)
