@@ -150,6 +150,9 @@ class Trainer:
         self.log = log
         self.plan = TrainPlan(cfg.epochs, dict(cfg.stage_epochs))
         self.stages: list[Stage] = model.stages(self.plan)
+        empty = [s.name for s in self.stages if s.epochs < 1]
+        if empty:  # fit() would never leave a stage of 0 epochs: refuse instead of hanging
+            raise ValueError(f"{model.variant}: stage(s) {empty} have no epochs; give each stage at least 1")
         self.progress = Progress()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}

@@ -16,6 +16,7 @@ import torch
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_training_data
 from raeflow.io import save_model
+from raeflow.models.base import TrainPlan
 from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -121,8 +122,14 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
 
 def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg.variant`` on ``cfg.data`` and write the run directory."""
+          log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
+          data: TrainingData | None = None) -> TrainResult:
+    """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
+
+    ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
+    classifier initialised from a trained encoder; ``cfg.variant`` / ``cfg.model`` are set from it, so run.yaml
+    describes what is trained); ``data`` is data already prepared (there: with the encoder's vectoriser).
+    """
     t0 = time.perf_counter()
     if resume:
         if not cfg.output:
@@ -131,10 +138,20 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         saved.ray = cfg.ray  # resources may change on resume; what is trained may not
         cfg = saved
     cfg.output = cfg.output or default_output(cfg.variant)
-    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
-    mc = model_config(cfg, data)
-    model = build_model(cfg.variant, **mc)  # fails on a bad model config before any directory is made
+    if data is None:
+        data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                                  weighting=cfg.data.weighting)
+    if model is None:
+        model = build_model(cfg.variant, **model_config(cfg, data))  # fails on a bad config before any directory
+    else:
+        cfg.variant, cfg.model = model.variant, dict(model.config)
+    if data.train.y is None and any(s.supervised for s in model.stages(TrainPlan(cfg.train.epochs,
+                                                                                 dict(cfg.train.stage_epochs)))):
+        raise ValueError(f"{cfg.variant} trains on labels, and {cfg.data.dataset} has none")
+    if not local:  # join/start Ray and check resources (--gpu without a GPU) before the run directory exists
+        from raeflow.train.ray_engine import preflight
+
+        preflight(cfg, log, data_bytes=data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes))
     run = RunDir.create(cfg, resume=resume)
     log(f"{cfg.variant}: {sum(p.numel() for p in model.parameters()):,} parameters; data {data.train.name} "
         f"train {len(data.train):,} val {0 if data.val is None else len(data.val):,} shape {data.train.shape}")
@@ -163,12 +180,15 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
 
 
 def summary_table(result: TrainResult, rows: list[dict[str, Any]]) -> str:
-    lines = ["", f"{'epoch':>5} {'stage':<12} {'train_loss':>11} {'val_loss':>11} {'samples/s':>10}"]
+    """Per-epoch train/val loss and the selection metric (multi-phase variants such as AAE have no single
+    ``loss``: their phases' terms are prefixed, so the selection metric is the column that means something)."""
+    sel = result.selection_metric
+    cols = ["train_loss", "val_loss"] + ([sel] if sel not in ("train_loss", "val_loss") else [])
+    lines = ["", f"{'epoch':>5} {'stage':<12} " + " ".join(f"{c:>15}" for c in cols) + f" {'samples/s':>10}"]
     for r in rows:
-        lines.append(f"{r['epoch']:>5} {r['stage']:<12} {r.get('train_loss', math.nan):>11.4f} "
-                     f"{r.get('val_loss', math.nan):>11.4f} {r.get('samples_per_s', 0):>10.0f}"
+        vals = " ".join(f"{r.get(c, math.nan):>15.4f}" for c in cols)
+        lines.append(f"{r['epoch']:>5} {r['stage']:<12} {vals} {r.get('samples_per_s', 0):>10.0f}"
                      + ("  *" if r.get("best") else ""))
-    lines += ["", f"selected epoch {result.best_epoch} by {result.selection_metric} = {result.best:.4f}; "
-                  f"wall {result.wall_s:.1f}s",
+    lines += ["", f"selected epoch {result.best_epoch} by {sel} = {result.best:.4f}; wall {result.wall_s:.1f}s",
               f"run directory: {result.run_dir}  (model/, metrics.jsonl, plots/, run.yaml)"]
     return "\n".join(lines)
