@@ -171,6 +171,16 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.progress = Progress(**state["progress"])
+        # Where we are in the stage plan follows from the epochs done, so a resumed run whose plan was extended
+        # (more epochs in run.yaml) continues instead of seeing its last stage as finished.
+        done = self.progress.epoch
+        for i, st in enumerate(self.stages):
+            if done < st.epochs:
+                self.progress.stage, self.progress.epoch_in_stage = i, done
+                break
+            done -= st.epochs
+        else:
+            self.progress.stage, self.progress.epoch_in_stage = len(self.stages), 0
         set_rng_state(state["rng"])
         self._restored = state  # optimisers are rebuilt per stage; they pick their state up then
 
@@ -295,7 +305,8 @@ class Trainer:
                 is_best = False
                 if final_stage:
                     value = metrics.get(sel, metrics.get(sel.replace("val_", "train_"), math.nan))
-                    if value < p.best:
+                    # No metric to select by (PCA fitted without a validation split): the latest epoch is best.
+                    if value < p.best or math.isnan(value):
                         p.best, p.best_epoch, p.stale, is_best = value, p.epoch, 0, True
                     else:
                         p.stale += 1

@@ -100,8 +100,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
         return batches
 
     def on_epoch_end(r: EpochResult) -> None:
-        run.append_metrics(metrics_row(r))
-        log(epoch_line(r, trainer.total_epochs))
+        # Checkpoint first: a metrics row is only written for an epoch a resume would not train again.
         state = trainer.state_dict()
         if r.epoch % cfg.train.checkpoint_every == 0 or r.final:
             save_checkpoint(state, run.checkpoints / f"epoch-{r.epoch:04d}")
@@ -113,6 +112,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
                 d.rmdir()
         if r.is_best:
             save_checkpoint({"model": state["model"], "epoch": r.epoch}, run.checkpoints / "best")
+        run.append_metrics(metrics_row(r))
+        log(epoch_line(r, trainer.total_epochs))
 
     trainer.fit(train_batches, val_batches, len(batches), on_epoch_end)
     best = run.checkpoints / "best"
@@ -170,8 +171,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
 
     plot_run(run, model, data, log=log)
     sel = model.selection_metric
-    finals = [r for r in rows if sel in r or sel.replace("val_", "train_") in r]
-    best_row = min(finals, key=lambda r: r.get(sel, r.get(sel.replace("val_", "train_"), math.inf)), default={})
+    best_row = next((r for r in reversed(rows) if r.get("best")), {})  # the trainer flags the selected epoch
     result = TrainResult(run.path, len(rows), best_row.get("epoch", -1),
                          best_row.get(sel, best_row.get(sel.replace("val_", "train_"), math.nan)), sel,
                          time.perf_counter() - t0, rows[-1] if rows else {})

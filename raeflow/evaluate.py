@@ -1,0 +1,246 @@
+"""``raeflow eval``: the literature's measures, computed on a held-out split with a saved model.
+
+Each task is a function ``(model, data, train, opts) -> dict`` registered in :data:`TASKS` together with a
+predicate saying whether it applies to a model; ``evaluate`` runs the ones asked for (default: all that apply)
+and returns one JSON-able dict. Everything here is plain PyTorch / scikit-learn (no Ray).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from raeflow.data import ArrayDataset, known_datasets, load_eval_data, parse_spec
+from raeflow.io import load_model, model_dir, read_config, read_vectoriser
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, batch: int = 1000) -> np.ndarray:
+    return np.concatenate([fn(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+def _is_image(model) -> bool:
+    return len(model.input_shape) == 3
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+def reconstruction(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """Hinton & Salakhutdinov 2006's measure: squared error summed over pixels, averaged over test images
+    (pixels = bytes/255); plus per-pixel MSE and BCE."""
+    rec = _batched(model.reconstruct, data.x).reshape(len(data), -1).astype(np.float64)
+    x = data.x.reshape(len(data), -1).astype(np.float64)
+    sq = ((rec - x) ** 2).sum(1)
+    p = np.clip(rec, 1e-7, 1 - 1e-7)
+    bce = -(x * np.log(p) + (1 - x) * np.log(1 - p)).mean()
+    return {"squared_error_per_image": float(sq.mean()), "mse_per_pixel": float(sq.mean() / x.shape[1]),
+            "bce_per_pixel": float(bce), "n": len(data)}
+
+
+def probe(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """Code quality: logistic regression and k-NN fitted on frozen training codes, scored on test codes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    limit = int(opts.get("probe_train", 20000))  # the probe is a measurement, not a second training run
+    ztr = _batched(model.encode, train.x[:limit])
+    zte = _batched(model.encode, data.x)
+    ytr, yte = train.y[:limit], data.y
+    scaler = StandardScaler().fit(ztr)
+    lr = LogisticRegression(max_iter=2000).fit(scaler.transform(ztr), ytr)
+    knn = KNeighborsClassifier(n_neighbors=int(opts.get("knn_k", 5))).fit(ztr, ytr)
+    return {"linear_probe_accuracy": float(lr.score(scaler.transform(zte), yte)),
+            "knn_accuracy": float(knn.score(zte, yte)), "knn_k": int(opts.get("knn_k", 5)),
+            "train_codes": len(ztr), "code_dim": int(ztr.shape[1])}
+
+
+def classify(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """Test classification error of a model with a supervised head (fine-tuned classifier, SDAE)."""
+    logits = _batched(model.predict, data.x)
+    err = float((logits.argmax(1) != data.y).mean())
+    return {"test_error": err, "test_error_percent": 100 * err, "n": len(data)}
+
+
+def binarize(x: np.ndarray, seed: int) -> np.ndarray:
+    """One fixed stochastic binarisation (x ~ Bernoulli(pixel)) drawn with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.from_numpy(x), generator=g).numpy()
+
+
+def likelihood(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """VAE: test ELBO and importance-weighted NLL (nats per image) on binarised test images.
+
+    ``fixed``: one binarisation drawn with seed 0 and kept (pythae's reference protocol);
+    ``dynamic``: a fresh binarisation per importance-sampling pass, averaged (Burda et al.'s protocol).
+    """
+    k = int(opts.get("k", 200))
+    n = int(opts.get("likelihood_n", len(data)))
+    x = data.x[:n]
+    out: dict[str, Any] = {"k": k, "n": n, "unit": "nats per image"}
+    for proto, seeds in (("fixed", [0]), ("dynamic", [1, 2, 3])):
+        nll, elbo = [], []
+        for s in seeds:
+            xb = binarize(x, s)
+            torch.manual_seed(s)
+            nll.append(_batched(lambda t: model.log_likelihood(t, k).neg(), xb, 250).mean())
+            torch.manual_seed(s)
+            elbo.append(_batched(lambda t: model.log_likelihood(t, 1), xb, 500).mean())
+        out[proto] = {"nll": float(np.mean(nll)), "elbo": float(np.mean(elbo))}
+    return out
+
+
+def parzen_log_likelihood(samples: torch.Tensor, x: torch.Tensor, sigma: float, chunk: int = 500) -> torch.Tensor:
+    """Mean log-density of ``x`` (N, D) under an isotropic Gaussian Parzen window on ``samples`` (M, D)."""
+    m, d = samples.shape
+    s2 = (samples ** 2).sum(1)  # (M,)
+    out = []
+    for i in range(0, len(x), chunk):
+        xi = x[i:i + chunk]
+        d2 = (xi ** 2).sum(1, keepdim=True) - 2 * xi @ samples.T + s2  # (b, M) squared distances
+        out.append(torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(m) - d / 2 * math.log(2 * math.pi * sigma ** 2))
+    return torch.cat(out)
+
+
+def parzen(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """Makhzani et al. 2015's protocol: 10k samples from the model, Parzen window with sigma chosen on
+    validation images, mean log-likelihood of the test images (nats; higher is better)."""
+    n_samples = int(opts.get("parzen_samples", 10000))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        samples = torch.cat([model.sample(min(1000, n_samples - i), generator=g).reshape(-1, model.input_dim)
+                             for i in range(0, n_samples, 1000)]).double()
+    val = torch.from_numpy(train.x[-1000:].reshape(-1, model.input_dim)).double()
+    sigmas = np.logspace(-1.3, 0, 12)
+    scores = [float(parzen_log_likelihood(samples, val, s).mean()) for s in sigmas]
+    sigma = float(sigmas[int(np.argmax(scores))])
+    test = torch.from_numpy(data.x.reshape(len(data), -1)).double()
+    ll = parzen_log_likelihood(samples, test, sigma)
+    return {"log_likelihood": float(ll.mean()), "std_error": float(ll.std() / math.sqrt(len(ll))),
+            "sigma": sigma, "samples": n_samples, "sigma_grid": [float(s) for s in sigmas]}
+
+
+def denoise(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    """PSNR (dB, peak 1) and squared error per image of the noisy and the denoised images against the clean."""
+    from raeflow.models.corruption import Corruption
+
+    n = int(opts.get("denoise_n", 2000))
+    clean = torch.from_numpy(data.x[:n])
+    rows = []
+    for kind, levels in (("gaussian", (0.1, 0.3, 0.5)), ("masking", (0.25, 0.5)), ("salt_and_pepper", (0.1, 0.25))):
+        for level in levels:
+            noisy = Corruption(kind, level)(clean, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                den = model.denoise(noisy)
+            row = {"noise": kind, "level": level}
+            for name, img in (("noisy", noisy), ("denoised", den)):
+                mse = ((img - clean) ** 2).flatten(1).mean(1)
+                row[f"{name}_psnr"] = float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
+                row[f"{name}_sq_error"] = float(mse.mean() * model.input_dim)
+            rows.append(row)
+    return {"rows": rows, "n": n}
+
+
+def retrieval(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
+    from raeflow.embed import retrieval as r
+
+    if data.kind == "text":
+        return r.document_retrieval(opts["model_dir"], opts["dataset"], **opts.get("retrieval", {}))
+    return r.image_retrieval(opts["model_dir"], opts["dataset"], **opts.get("retrieval", {}))
+
+
+@dataclass
+class Task:
+    fn: Callable[..., dict]
+    applies: Callable[[Any, ArrayDataset], bool]
+    needs_train: bool = False
+
+
+TASKS: dict[str, Task] = {
+    "reconstruction": Task(reconstruction, lambda m, d: m.variant != "classifier"),
+    "probe": Task(probe, lambda m, d: d.y is not None and m.variant != "classifier", needs_train=True),
+    "classify": Task(classify, lambda m, d: d.y is not None and hasattr(m, "predict")),
+    "likelihood": Task(likelihood, lambda m, d: hasattr(m, "log_likelihood") and _is_image(m)),
+    "parzen": Task(parzen, lambda m, d: m.has_prior and _is_image(m), needs_train=True),
+    "denoise": Task(denoise, lambda m, d: _is_image(m) and m.variant != "classifier"
+                    and (getattr(m, "corruption", None) is not None or m.variant in ("dae", "cae", "sdae"))),
+    "retrieval": Task(retrieval, lambda m, d: d.y is not None and m.variant != "classifier"),
+}
+
+
+def evaluate(model_path: str | Path, dataset: str | None = None, tasks: list[str] | None = None,
+             opts: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run ``tasks`` (default: every task that applies) on the test split of ``dataset`` (default: the
+    dataset the model was trained on) and return the results, keyed by task."""
+    opts = dict(opts or {})
+    cfg = read_config(model_path)
+    dataset = dataset or cfg["data"].get("name")
+    if not dataset:
+        raise ValueError("the model's config.json names no dataset: pass --dataset")
+    unknown = set(tasks or []) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
+    model = load_model(model_path)
+    vec = read_vectoriser(model_path)
+    if vec is not None:
+        from raeflow.data.text import Vectoriser
+
+        vec = Vectoriser.from_json(vec)
+    data = load_eval_data(dataset, vectoriser=vec)
+    if tuple(data.shape) != tuple(model.input_shape):
+        raise ValueError(f"{dataset} has examples of shape {data.shape}; the model takes {model.input_shape}")
+    chosen = tasks or [n for n, t in TASKS.items() if t.applies(model, data)]
+    train = None
+    if any(TASKS[n].needs_train for n in chosen):
+        # Probes and Parzen's sigma are fitted on the training split, preprocessed by the model's own
+        # vectoriser (never refitted); user data has no split, so it serves as its own.
+        name, _ = parse_spec(dataset)
+        train = load_eval_data(f"{name}:train", vectoriser=vec) if name in known_datasets() else data
+    opts.update(model_dir=str(model_dir(model_path)), dataset=dataset)
+    results: dict[str, Any] = {"model": str(model_dir(model_path)), "variant": model.variant, "dataset": dataset,
+                               "split": data.split, "tasks": {}}
+    for name in chosen:
+        task = TASKS[name]
+        if not task.applies(model, data):
+            raise ValueError(f"task {name!r} does not apply to a {model.variant} model on {dataset}")
+        t0 = time.perf_counter()
+        log(f"eval {name} ...")
+        results["tasks"][name] = {**task.fn(model, data, train, opts), "seconds": round(time.perf_counter() - t0, 1)}
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# eval: {results['variant']} on {results['dataset']} ({results['split']})", "",
+             f"model: `{results['model']}`", ""]
+    for name, res in results["tasks"].items():
+        lines += [f"## {name}", ""]
+        if "rows" in res and isinstance(res["rows"], list) and res["rows"] and isinstance(res["rows"][0], dict):
+            keys = list(res["rows"][0])
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in res["rows"]]
+        for k, v in res.items():
+            if k != "rows" and not isinstance(v, (list, dict)):
+                lines.append(f"- {k}: {_fmt(v)}")
+            elif isinstance(v, dict):
+                lines.append(f"- {k}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in v.items() if not isinstance(b, list)))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def save_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    stem = results["dataset"].replace(":", "-").replace("/", "_")
+    j, m = d / f"eval-{stem}.json", d / f"eval-{stem}.md"
+    j.write_text(json.dumps(results, indent=2))
+    m.write_text(to_markdown(results))
+    return j, m

@@ -1,0 +1,129 @@
+"""Run config precedence, recipes, the run directory's guarantees, and the CLI's thin commands."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import raeflow
+from raeflow.cli.common import build_run_config
+from raeflow.config import RunConfig
+from raeflow.registry import build_model, list_variants
+from raeflow.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUT_SHAPES = {"mnist": [1, 28, 28], "fashion-mnist": [1, 28, 28], "digits": [1, 8, 8], "20newsgroups": [2000]}
+
+
+def test_precedence_defaults_yaml_set_flags(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("variant: vae\nmodel: {latent_dim: 8}\ntrain: {epochs: 7, lr: 1e-3}\n")
+    cfg = build_run_config(f, ["train.epochs=9", "model.hidden=[64, 32]"], variant="ae", epochs=None, lr=5e-4,
+                           latent_dim=None, dataset="digits", workers=None, gpu=False, batch_size=None,
+                           output=None, seed=None, storage_path=None, address=None)
+    assert cfg.variant == "vae"  # --variant's default does not override the file
+    assert cfg.train.epochs == 9 and cfg.train.lr == 5e-4  # --set over YAML, flags over --set
+    assert cfg.model == {"latent_dim": 8, "hidden": [64, 32]}
+    assert isinstance(cfg.train.lr, float) and cfg.data.dataset == "digits"
+
+
+def test_yaml_numbers_without_dot_are_numbers():
+    cfg = RunConfig.from_dict({"train": {"lr": "1e-3"}})
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad", [{"trian": {}}, {"train": {"epoch": 3}}])
+def test_unknown_keys_are_refused(bad):
+    with pytest.raises(ValueError, match="unknown"):
+        RunConfig.from_dict(bad)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = RunConfig(variant="sdae", model={"hidden": [10]}).override(["train.stage_epochs.pretrain=3"])
+    cfg.save(tmp_path / "r.yaml")
+    assert RunConfig.from_yaml(tmp_path / "r.yaml") == cfg
+    assert cfg.train.stage_epochs == {"pretrain": 3}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_builds_its_model(path):
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.variant in list_variants()
+    model = build_model(cfg.variant, input_shape=INPUT_SHAPES[cfg.data.dataset], **cfg.model)
+    assert model.encode(torch.zeros(2, *INPUT_SHAPES[cfg.data.dataset])).shape[0] == 2
+
+
+def test_run_directory_is_never_overwritten(tmp_path):
+    cfg = RunConfig(variant="pca", model={"latent_dim": 4}, output=str(tmp_path / "run"))
+    cfg.data.dataset = "digits"
+    train(cfg, local=True, log=lambda s: None)
+    saved = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, local=True, log=lambda s: None)
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == saved
+    run_yaml = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
+    assert run_yaml["variant"] == "pca" and run_yaml["model"] == {"latent_dim": 4}
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["variant"] == "pca" and config["data"]["input_shape"] == [1, 8, 8]
+    assert config["raeflow_version"] == raeflow.__version__
+
+
+def test_local_resume_continues_an_interrupted_run(tmp_path):
+    cfg = RunConfig(variant="ae", model={"hidden": [16], "latent_dim": 4}, output=str(tmp_path / "r"))
+    cfg.data.dataset, cfg.train.epochs, cfg.train.threads = "digits", 4, 1
+
+    def interrupt_after_epoch_2(line: str) -> None:  # as if the driver were killed after epoch 2's checkpoint
+        if line.startswith("epoch 2/4"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, local=True, log=interrupt_after_epoch_2)
+    before = torch.load(tmp_path / "r" / "checkpoints" / "latest" / "checkpoint.pt", weights_only=True)
+    assert before["progress"]["epoch"] == 2
+    lines: list[str] = []
+    train(RunConfig(output=str(tmp_path / "r")), resume=True, local=True, log=lines.append)
+    assert any("resumed" in line and "epoch 2" in line for line in lines)
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["3/4", "4/4"]  # 1-2 not redone
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[3]["train_loss"] < rows[0]["train_loss"]
+    # Extending a finished run's plan in run.yaml and resuming trains only the new epochs.
+    saved = RunConfig.from_yaml(tmp_path / "r" / "run.yaml")
+    saved.train.epochs = 5
+    saved.save(tmp_path / "r" / "run.yaml")
+    train(RunConfig(output=str(tmp_path / "r")), resume=True, local=True, log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raeflow.cli.main", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_lists_every_variant_and_dataset():
+    out = _cli("variants").stdout
+    assert [line.split()[0] for line in out.strip().splitlines()] == list_variants()
+    ds = _cli("datasets").stdout
+    for name in ("mnist", "fashion-mnist", "digits", "20newsgroups", "reuters-r8", "reuters-r52"):
+        assert f"\n{name} " in "\n" + ds
+    assert _cli("--version").stdout.strip() == f"raeflow {raeflow.__version__}"
+
+
+def test_cli_help_lists_every_command():
+    out = _cli("--help").stdout
+    for cmd in ("variants", "datasets", "train", "finetune", "embed", "search", "serve", "eval", "bench"):
+        assert cmd in out
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    r = _cli("train", "--local", "--variant", "nope", "--dataset", "digits", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown variant 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", "--local", "--dataset", "no-such-set", "-o", str(tmp_path / "y"))
+    assert r.returncode == 2 and "unknown dataset" in r.stderr and "mnist" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
