@@ -1,0 +1,1 @@
+"""Benchmarks behind `raeflow bench ...` (see BENCHMARKS.md)."""

@@ -1,0 +1,236 @@
+"""The HTTP API as a plain FastAPI app (no Ray): routes, body limit, and errors turned into clear 4xx answers.
+
+:func:`build_app` takes a *backend*: the object that owns the :class:`ModelService` instances and runs the
+model calls. The Ray Serve replica (``raeflow.serve.app``) is a backend whose ``run`` goes through
+``@serve.batch``; :class:`DirectBackend` calls the model once per request, which is what the benchmark's plain
+FastAPI + uvicorn server uses and what lets this module be tested without Ray.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import raeflow
+from raeflow.serve.service import (MAX_BODY_BYTES, MAX_ITEMS, GenerateRequest, GridRequest, ImagesRequest,
+                                   InterpolateRequest, ModelService, Plan, SearchRequest, ServiceError, Stats,
+                                   plan, run_jobs, validation_message)
+
+MODEL_ENDPOINTS = ("encode", "reconstruct", "denoise", "generate", "interpolate", "grid", "search")
+
+
+class Backend(Protocol):
+    services: dict[str, ModelService]
+    stats: Stats
+
+    async def run(self, model: str, op: str, x: np.ndarray) -> np.ndarray: ...
+
+    def search(self, svc: ModelService, codes: np.ndarray, k: int, index: str | None) -> dict[str, Any]: ...
+
+
+class DirectBackend:
+    """Runs every model call in the request's own thread, one call per request (no batching)."""
+
+    def __init__(self, services: dict[str, ModelService], indexes: dict[str, Any] | None = None):
+        self.services = services
+        self.indexes = indexes or {}
+        self.stats = Stats()
+
+    async def run(self, model: str, op: str, x: np.ndarray) -> np.ndarray:
+        out = run_jobs(self.services, [(model, op, x)], self.stats)[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def search(self, svc: ModelService, codes: np.ndarray, k: int, index: str | None) -> dict[str, Any]:
+        from raeflow.serve.search import search_index
+
+        return search_index(self.indexes, svc, codes, k, index)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyLimit:
+    """Pure ASGI: 413 for bodies over ``limit`` bytes, before any route reads them.
+
+    A declared Content-Length over the limit is refused at once (nothing is read); a chunked body is counted as
+    it streams in and refused as soon as it passes the limit. (Starlette's own limiter only acts once a route
+    reads the body, and answers plain text.)
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self, size: str) -> JSONResponse:
+        return error(413, too_large_message(size, self.limit))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    await error(400, f"invalid Content-Length header {v[:40]!r}")(scope, receive, send)
+                    return
+        if declared is not None and declared > self.limit:
+            await self._too_large(f"of {declared:,} bytes")(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(self.limit)
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._too_large(f"of more than {self.limit:,} bytes")(scope, receive, send)
+
+
+def too_large_message(size: str, limit: int) -> str:
+    return (f"request body {size} exceeds the limit of {limit:,} bytes ({limit / 2**20:g} MiB); send at most "
+            f"{MAX_ITEMS} items per request, or PNGs instead of arrays")
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so FastAPI's body reader re-raises it (instead of making it "error parsing the body") and
+    # the app's HTTP error handler answers it, with this message, when the route was already reading.
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, too_large_message(f"of more than {limit:,} bytes", limit))
+
+
+def _json(out: dict[str, Any]) -> Response:
+    # Serialise here (compact, no jsonable_encoder walk over every float): the answers are large nested lists.
+    return Response(json.dumps(out, separators=(",", ":")), media_type="application/json")
+
+
+ROUTES_HELP = ("GET /healthz, GET /models, GET /docs, and POST /{model}/{endpoint} with endpoint one of "
+               + ", ".join(MODEL_ENDPOINTS))
+
+
+def build_app(backend: Backend) -> FastAPI:
+    """The FastAPI app over ``backend``; OpenAPI schema at /openapi.json, docs at /docs."""
+    app = FastAPI(title="raeflow", version=raeflow.__version__,
+                  description="Autoencoders over HTTP: encode, reconstruct, denoise, generate, interpolate, grid, "
+                              "search. JSON in and out; images as arrays in [0, 1] or base64 PNGs. "
+                              f"At most {MAX_ITEMS} items per request and {MAX_BODY_BYTES // 2**20} MiB per body.")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, e: ServiceError):
+        return error(e.status, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        errs = e.errors()
+        bad_json = [x for x in errs if x.get("type") == "json_invalid"]
+        if bad_json:
+            ctx = bad_json[0].get("ctx") or {}
+            pos = bad_json[0].get("loc", ("", "?"))[-1]
+            return error(400, f"malformed JSON ({ctx.get('error', 'decode error')} at byte {pos}); send a JSON "
+                              "object such as {\"images\": [[[0.0, ...], ...]], \"format\": \"array\"}")
+        if len(errs) == 1 and tuple(errs[0].get("loc", ())) == ("body",) and isinstance(errs[0].get("input"), bytes):
+            # FastAPI hands the raw bytes on when the Content-Type is not JSON.
+            return error(415, "the body was not read as JSON: send it with Content-Type: application/json")
+        return error(422, f"invalid request: {validation_message(errs)}; see /docs for the request schema")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error(404, f"no route {request.method} {request.url.path}; routes: {ROUTES_HELP}")
+        if e.status_code == 405:
+            return error(405, f"{request.method} is not allowed on {request.url.path}; model endpoints take POST "
+                              "with a JSON body, /healthz and /models take GET")
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":
+            return error(400, "could not parse the body as JSON (too deeply nested, or not UTF-8); send a JSON "
+                              "object, see /docs")
+        return error(e.status_code, str(e.detail))
+
+    def service(model: str) -> ModelService:
+        svc = backend.services.get(model)
+        if svc is None:
+            raise ServiceError(404, f"unknown model {model!r}; served models: {', '.join(sorted(backend.services))}"
+                                    " (GET /models lists them with their endpoints)")
+        return svc
+
+    async def answer(model: str, endpoint: str, body: Any) -> Response:
+        svc = service(model)
+        step: dict[str, Any] | Plan = plan(svc, endpoint, body)
+        while isinstance(step, Plan):
+            y = None if step.op is None else await backend.run(model, step.op, step.x)
+            step = step.finish(y)
+        return _json(step)
+
+    @app.get("/healthz", summary="Liveness: the models are loaded")
+    async def healthz():
+        return {"status": "ok", "models": sorted(backend.services)}
+
+    @app.get("/models", summary="The served models, their shapes and the endpoints each supports")
+    async def models():
+        return {"models": [backend.services[n].describe() for n in sorted(backend.services)],
+                "limits": {"max_items": MAX_ITEMS, "max_body_bytes": MAX_BODY_BYTES}}
+
+    @app.get("/stats", summary="This replica's model-call counters: requests, batches, items, model seconds")
+    async def stats():
+        return backend.stats.as_dict()
+
+    @app.post("/{model}/encode", summary="Images (or documents) -> latent codes")
+    async def encode(model: str, body: ImagesRequest):
+        return await answer(model, "encode", body)
+
+    @app.post("/{model}/reconstruct", summary="Images -> their reconstructions")
+    async def reconstruct(model: str, body: ImagesRequest):
+        return await answer(model, "reconstruct", body)
+
+    @app.post("/{model}/denoise", summary="Noisy images -> cleaned images (denoising models)")
+    async def denoise(model: str, body: ImagesRequest):
+        return await answer(model, "denoise", body)
+
+    @app.post("/{model}/generate", summary="Samples from the prior (seeded), or decoded codes z (generators)")
+    async def generate(model: str, body: GenerateRequest):
+        return await answer(model, "generate", body)
+
+    @app.post("/{model}/interpolate", summary="Decoded images on the segment between two images' or codes' codes")
+    async def interpolate(model: str, body: InterpolateRequest):
+        return await answer(model, "interpolate", body)
+
+    @app.post("/{model}/grid", summary="The decoded 2-D latent manifold (generators with 2-D codes)")
+    async def grid(model: str, body: GridRequest):
+        return await answer(model, "grid", body)
+
+    @app.post("/{model}/search", summary="The k nearest rows of an --index embeddings directory to each query")
+    async def search(model: str, body: SearchRequest):
+        svc = service(model)
+        svc.require("search")  # 404 unless an --index holds this model's codes
+        inp = svc.inputs(body)
+        if body.grid:
+            raise ServiceError(422, "\"grid\" applies to endpoints that answer images, not to /search")
+        codes = await backend.run(model, "encode", inp.x)
+        return _json(backend.search(svc, codes, body.k, body.index))
+
+    return app
