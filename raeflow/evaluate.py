@@ -147,11 +147,14 @@ def denoise(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -
 
 
 def retrieval(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
-    from raeflow.embed import retrieval as r
+    """Documents: precision at recall levels vs LSA; images: precision@10 in code vs pixel vs PCA space."""
+    from raeflow.embed.retrieval import default_plot_path, format_table, plot_retrieval
+    from raeflow.embed.retrieval import retrieval as run_retrieval
 
-    if data.kind == "text":
-        return r.document_retrieval(opts["model_dir"], opts["dataset"], **opts.get("retrieval", {}))
-    return r.image_retrieval(opts["model_dir"], opts["dataset"], **opts.get("retrieval", {}))
+    res = run_retrieval(opts["model_dir"], opts["dataset"])
+    res["plot"] = str(plot_retrieval(res, default_plot_path(opts["model_dir"], res)))
+    res["table"] = format_table(res)
+    return res
 
 
 @dataclass
@@ -184,7 +187,7 @@ def evaluate(model_path: str | Path, dataset: str | None = None, tasks: list[str
         raise ValueError("the model's config.json names no dataset: pass --dataset")
     unknown = set(tasks or []) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown eval task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
     model = load_model(model_path)
     vec = read_vectoriser(model_path)
     if vec is not None:
@@ -223,7 +226,11 @@ def to_markdown(results: dict) -> str:
             keys = list(res["rows"][0])
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in res["rows"]]
+        if "table" in res:
+            lines += ["```", res["table"], "```"]
         for k, v in res.items():
+            if k == "table":
+                continue
             if k != "rows" and not isinstance(v, (list, dict)):
                 lines.append(f"- {k}: {_fmt(v)}")
             elif isinstance(v, dict):

@@ -142,17 +142,19 @@ def test_image_retrieval_on_digits(embed_digits_ae, digits_test, tmp_path):
 
 
 def test_eval_retrieval_command_on_documents(embed_doc_ae, tmp_path):
-    png = tmp_path / "pr.png"
     r = CliRunner().invoke(app, ["eval", "--model", embed_doc_ae, "--dataset", "reuters-r8", "--task", "retrieval",
-                                 "--json", "--plot", str(png)])
+                                 "--json", "--output", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.output)["tasks"]["retrieval"]
     assert res["dataset"] == "reuters-r8:test" and res["levels"] == list(RECALL_LEVELS)
     assert set(res["methods"]) == {"ae", "lsa", "input"} and res["methods"]["lsa"]["dim"] == 5
     for m in res["methods"].values():
         assert len(m["precision"]) == len(RECALL_LEVELS) and all(0 <= v <= 1 for v in m["precision"])
     # LSA on Reuters-R8 finds same-topic documents first: far above the largest class's share (~0.5)
     assert res["methods"]["lsa"]["precision"][0] > 0.8
-    assert png.stat().st_size > 5000 and res["plot"] == str(png)
+    assert Path(res["plot"]).stat().st_size > 5000
+    saved = json.loads((tmp_path / "eval-reuters-r8.json").read_text())
+    assert saved["tasks"]["retrieval"]["methods"]["ae"]["precision"] == res["methods"]["ae"]["precision"]
+    assert "recall" in (tmp_path / "eval-reuters-r8.md").read_text()
     r = CliRunner().invoke(app, ["eval", "--model", embed_doc_ae, "--dataset", "reuters-r8", "--task", "nope"])
     assert r.exit_code == 2 and "unknown task" in r.output

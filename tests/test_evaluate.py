@@ -1,0 +1,91 @@
+"""`raeflow eval`'s measures, checked against independent computations on small real data (digits)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raeflow.config import RunConfig
+from raeflow.data import load_eval_data, load_training_data
+from raeflow.evaluate import TASKS, evaluate, parzen_log_likelihood
+from raeflow.train.run import train
+
+QUIET = dict(log=lambda s: None)
+
+
+def _train(tmp_path, name, variant, model, epochs=3, **train_opts):
+    cfg = RunConfig(variant=variant, model=model, output=str(tmp_path / name))
+    cfg.data.dataset, cfg.train.epochs, cfg.train.threads, cfg.train.lr = "digits", epochs, 1, 3e-3
+    cfg.train.batch_size = 32
+    for k, v in train_opts.items():
+        setattr(cfg.train, k, v)
+    train(cfg, local=True, **QUIET)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("eval")
+    return {"pca": _train(d, "pca", "pca", {"latent_dim": 8}),
+            "vae": _train(d, "vae", "vae", {"hidden": [64], "latent_dim": 4}, epochs=5),
+            "dae": _train(d, "dae", "dae", {"hidden": [64], "latent_dim": 16}, epochs=15),
+            "sdae": _train(d, "sdae", "sdae", {"hidden": [128, 64]}, stage_epochs={"pretrain": 2, "finetune": 10})}
+
+
+def test_reconstruction_is_hintons_squared_error_per_image(runs):
+    from sklearn.decomposition import PCA
+
+    res = evaluate(runs["pca"], "digits", ["reconstruction"], **QUIET)["tasks"]["reconstruction"]
+    train_x = load_training_data("digits").train.x.reshape(-1, 64)
+    test_x = load_eval_data("digits:test").x.reshape(-1, 64)
+    sk = PCA(8).fit(train_x)
+    expected = ((sk.inverse_transform(sk.transform(test_x)) - test_x) ** 2).sum(1).mean()
+    # float32 weights vs scikit-learn's float64 SVD: agree to 0.1%; a wrong measure (mean vs sum) is off 64x
+    assert res["squared_error_per_image"] == pytest.approx(expected, rel=1e-3)
+    assert res["mse_per_pixel"] == pytest.approx(expected / 64, rel=1e-3)
+
+
+def test_default_tasks_are_those_that_apply(runs):
+    assert set(evaluate(runs["pca"], "digits", **QUIET)["tasks"]) == {"reconstruction", "probe", "retrieval"}
+    assert set(evaluate(runs["sdae"], "digits", **QUIET)["tasks"]) == {"reconstruction", "probe", "classify",
+                                                                        "denoise", "retrieval"}
+    with pytest.raises(ValueError, match="does not apply"):
+        evaluate(runs["pca"], "digits", ["likelihood"], **QUIET)
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(runs["pca"], "digits", ["accuracy"], **QUIET)
+
+
+def test_probe_and_classify_beat_chance_by_far(runs):
+    probe = evaluate(runs["dae"], "digits", ["probe"], **QUIET)["tasks"]["probe"]
+    assert probe["linear_probe_accuracy"] > 0.65 and probe["knn_accuracy"] > 0.65  # chance: 0.1
+    cls = evaluate(runs["sdae"], "digits", ["classify"], **QUIET)["tasks"]["classify"]
+    assert cls["test_error"] < 0.4 and cls["n"] == 300
+
+
+def test_likelihood_iwae_is_tighter_than_elbo(runs):
+    res = evaluate(runs["vae"], "digits", ["likelihood"], {"k": 50}, **QUIET)["tasks"]["likelihood"]
+    for proto in ("fixed", "dynamic"):
+        nll, elbo = res[proto]["nll"], res[proto]["elbo"]
+        assert 0 < nll <= -elbo + 0.5  # the k-sample bound is at least as tight as the ELBO (up to MC noise)
+
+
+def test_parzen_matches_a_direct_gaussian_mixture_density():
+    g = torch.Generator().manual_seed(0)
+    samples, x = torch.rand(50, 3, generator=g).double(), torch.rand(7, 3, generator=g).double()
+    sigma = 0.3
+    ours = parzen_log_likelihood(samples, x, sigma, chunk=3)
+    comp = torch.distributions.Independent(torch.distributions.Normal(samples, sigma), 1)
+    direct = torch.logsumexp(comp.log_prob(x[:, None, :]), 1) - math.log(50)
+    torch.testing.assert_close(ours, direct)
+
+
+def test_parzen_task_and_denoise_task(runs):
+    par = evaluate(runs["vae"], "digits", ["parzen"], {"parzen_samples": 2000}, **QUIET)["tasks"]["parzen"]
+    assert par["sigma"] in par["sigma_grid"] and np.isfinite(par["log_likelihood"])
+    den = evaluate(runs["dae"], "digits", ["denoise"], **QUIET)["tasks"]["denoise"]
+    masking = [r for r in den["rows"] if r["noise"] == "masking"]
+    assert all(r["denoised_psnr"] > r["noisy_psnr"] for r in masking)  # the DAE was trained on masking noise
+    assert set(TASKS) >= {"reconstruction", "probe", "classify", "likelihood", "parzen", "denoise", "retrieval"}
