@@ -80,8 +80,30 @@ def serve_models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_local, serve_models) -> str:
-    """Base URL of the Serve application serving ``serve_models``; Serve is shut down at the session's end."""
+def serve_index(serve_models, tmp_path_factory) -> str:
+    """An embeddings directory of the DAE's codes of the 300 digits test images (ids ``digits:test:i``), written
+    with the embed job's own PartWriter from Encoder output, as `raeflow embed` writes it (no Ray needed)."""
+    from raeflow.data.images import load_digits
+    from raeflow.embed.encoder import Encoder
+    from raeflow.embed.job import PartWriter, _metadata, errors_schema, output_schema
+    from raeflow.io import model_dir, read_config
+
+    raw = load_digits("test")
+    enc = Encoder(serve_models["dae"])
+    md = model_dir(serve_models["dae"])
+    meta = _metadata(md, read_config(md), "digits:test")
+    out = tmp_path_factory.mktemp("serve-index") / "digits"
+    w = PartWriter(out, output_schema(enc.latent_dim, enc.has_logvar, meta), errors_schema(meta), rows_per_file=128)
+    w.add(enc({"id": [f"digits:test:{i}" for i in range(len(raw.x))],
+               "label": [raw.classes[int(v)] for v in raw.y], "x": raw.x}))
+    w.close()
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local, serve_models, serve_index) -> str:
+    """Base URL of the Serve application serving ``serve_models`` (and ``serve_index`` as index "digits");
+    Serve is shut down at the session's end."""
     import socket
 
     from ray import serve
@@ -92,9 +114,53 @@ def serve_url(ray_local, serve_models) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # num_cpus=0: the replica must not hold one of the session's 2 CPUs, which Train/Data tests need whole.
-    spec = ServerSpec(models=list(serve_models.values()), port=port,
+    spec = ServerSpec(models=list(serve_models.values()), port=port, indexes={"digits": serve_index},
                       options={"num_cpus": 0, "threads": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.01})
     server = start(spec, log=lambda *_: None, timeout_s=120)
     yield server.url
     server.stop()
     serve.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------- embedding
+# Shared by tests/test_embed.py and tests/test_search_retrieval.py: small real models, made once per session.
+def _embed_train(out, variant: str, k: int, sets: list[str], epochs: int) -> str:
+    from raeflow.cli.common import build_run_config
+    from raeflow.train.run import train
+
+    cfg = build_run_config(None, sets, variant=variant, dataset="digits", epochs=epochs, latent_dim=k, batch_size=64,
+                           output=str(out), seed=0)
+    train(cfg, local=True, log=lambda *_: None)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def embed_digits_ae(tmp_path_factory) -> str:
+    """A dense AE 64-32-6 trained 3 epochs on digits (a run directory)."""
+    return _embed_train(tmp_path_factory.mktemp("embed-models") / "ae", "ae", 6, ["model.hidden=[32]"], 3)
+
+
+@pytest.fixture(scope="session")
+def embed_digits_vae(tmp_path_factory) -> str:
+    """A dense VAE 64-32-4 trained 1 epoch on digits: its embeddings carry ``logvar``."""
+    return _embed_train(tmp_path_factory.mktemp("embed-models") / "vae", "vae", 4, ["model.hidden=[32]"], 1)
+
+
+@pytest.fixture(scope="session")
+def embed_doc_ae(tmp_path_factory) -> str:
+    """A document AE (300 stems - 32 - 5, seeded random weights) with a Vectoriser fitted on 400 Reuters-R8
+    training documents, saved as training saves one (model/config.json, model.safetensors, vectoriser.json)."""
+    from raeflow.data.text import Vectoriser, load_reuters_r8
+    from raeflow.io import save_model
+    from raeflow.registry import build_model
+
+    raw = load_reuters_r8("train")
+    vec = Vectoriser(vocab_size=300, weighting="log").fit(raw.x[:400])
+    torch.manual_seed(0)
+    v = len(vec.vocabulary)
+    model = build_model("ae", input_shape=[v], latent_dim=5, hidden=[32]).eval()
+    run = tmp_path_factory.mktemp("embed-models") / "doc"
+    save_model(model, run / "model", data={"name": "reuters-r8", "kind": "text", "input_shape": [v],
+                                           "classes": raw.classes, "preprocessing": {"vectoriser": vec.describe()}},
+               vectoriser=vec.to_json())
+    return str(run)

@@ -292,7 +292,10 @@ class Trainer:
                     self.model.finalize(self.all_reduce_sum)
                 elapsed = time.perf_counter() - t0
                 metrics = {f"train_{k}": v for k, v in self._reduce_means(sums, seen).items()}
-                samples = self._reduce_means({"n": float(seen)}, 1.0)["n"]  # summed over workers
+                n = torch.tensor([float(seen)], dtype=torch.float64)
+                if self.all_reduce_sum is not None:
+                    self.all_reduce_sum(n)  # summed over workers (_reduce_means would average them)
+                samples = n.item()
                 if val_batches is not None:
                     metrics.update({f"val_{k}": v for k, v in self.evaluate(val_batches(), stage).items()})
                 metrics["samples_per_s"] = samples / max(elapsed, 1e-9)

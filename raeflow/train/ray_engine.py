@@ -1,0 +1,476 @@
+"""Ray Train engine: every variant's :class:`~raeflow.train.loop.Trainer`, data-parallel on a ``TorchTrainer``.
+
+Driver (:func:`fit_ray`): joins or starts Ray, checks resources (``--gpu`` with no GPU fails here, before any
+worker starts), puts the train and validation splits into Ray Data, and runs ``TorchTrainer.fit``. Rank 0 sends
+each epoch's row through a small queue actor; a driver thread prints the progress line and appends the row to
+``metrics.jsonl``, so the file lives in the run directory even when the workers run on other nodes.
+
+Workers (:func:`train_loop_per_worker`, imported by module name): build the model from the driver's weights,
+take their Ray Data shard, and hand the same Trainer used by ``--local`` a DDP wrapper, an all-reduce and an
+epoch-end hook that reports metrics and checkpoints (the full ``Trainer.state_dict()``) to Ray Train.
+
+Data: a shard that fits in memory is read from Ray Data once per worker into tensors and shuffled per epoch by
+``TensorBatches`` (Ray Data's per-batch iteration measured 2.5x slower than a DataLoader here, REFERENCE.md);
+a larger one is streamed every epoch with ``iter_torch_batches``.
+
+Checkpoints: Ray Train's, under ``<run>/ray/<name>/`` (or ``--storage-path``), scored by the variant's selection
+metric in the final stage only (earlier stages score +inf, so an SDAE pretraining epoch can never be "best").
+Ray keeps the ``keep_checkpoints`` best plus always the latest, which is what a restarted worker group and
+``--resume`` continue from. Reusing the run's ``RunConfig(name, storage_path)`` is what makes Ray resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from raeflow import raycluster  # noqa: I001 - first: it sets Ray's environment defaults before Ray is imported
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from raeflow.config import RunConfig as RaeRunConfig
+from raeflow.data import ArrayDataset, TrainingData
+from raeflow.registry import build_model
+from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything
+from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
+from raeflow.train.run import epoch_line, metrics_row, threads_per_worker
+
+_OWNER = "raeflow.train"  # raycluster owner tag: fit_ray stops only a Ray instance that training started
+#: Recorded in the run directory: the Ray run to continue on ``--resume``.
+RAY_RUN_FILE = "ray.json"
+#: Score of checkpoints from stages before the final one (never selected as the best model).
+NOT_FINAL = math.inf
+#: Materialise a worker's shard when it is at most this fraction of the memory Ray reports per worker.
+MATERIALIZE_FRACTION = 0.25
+#: Test-only fault injection, read on the driver: fail worker ``world-1`` once, mid-epoch N, leaving a marker.
+FAIL_AT_EPOCH_ENV = "RAEFLOW_TEST_FAIL_AT_EPOCH"
+FAIL_MARKER_ENV = "RAEFLOW_TEST_FAIL_MARKER"
+#: ``auto`` (default) | ``materialize`` | ``stream``: how workers read their shard.
+DATA_MODE_ENV = "RAEFLOW_RAY_DATA_MODE"
+
+
+# ============================================================================================ driver side
+def preflight(cfg: RaeRunConfig, log: Callable[[str], None] = print, *, data_bytes: int = 0):
+    """Join/start Ray and check the resources the run asks for; fails before any directory or worker is made.
+
+    Returns the :class:`~raeflow.raycluster.WorkerPlan`.
+    """
+    if cfg.ray.gpu and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
+        if not torch.cuda.is_available():  # a local cluster would have no GPU either: say so without starting Ray
+            raise ValueError("--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False) and no Ray "
+                             "cluster was given. Drop --gpu to train on CPU, or pass --address of a cluster "
+                             "with GPUs.")
+    raycluster.ensure_ray(cfg.ray.address, object_store_memory=raycluster.object_store_for(data_bytes),
+                          owner=_OWNER, log=log)
+    res = ray.cluster_resources()
+    try:
+        return raycluster.plan_workers(int(cfg.ray.workers), float(res.get("CPU", 0)), float(res.get("GPU", 0)),
+                                       use_gpu=cfg.ray.gpu)
+    except ValueError:
+        raycluster.shutdown_if_started(_OWNER)
+        raise
+
+
+def to_ray_dataset(ds: ArrayDataset, blocks: int) -> "ray.data.Dataset":
+    """Rows ``{"i": row index, "x": (*shape) float32, "y": int64}`` as a Ray Dataset of ``blocks`` in-store Arrow
+    blocks. Arrow tensor columns (not fixed-size lists) so that batches come back as ``(B, *shape)`` ndarrays;
+    the row index because Ray Data does not keep block order, and workers that share out an unsplit dataset
+    must agree on who takes which row.
+    """
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(ds)
+    bounds = np.linspace(0, n, max(1, min(blocks, n)) + 1).astype(int)
+    tables = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cols = {"i": pa.array(np.arange(a, b, dtype=np.int64)),
+                "x": ArrowTensorArray.from_numpy(np.ascontiguousarray(ds.x[a:b], dtype=np.float32))}
+        if ds.y is not None:
+            cols["y"] = pa.array(np.asarray(ds.y[a:b], dtype=np.int64))
+        tables.append(pa.table(cols))
+    return ray.data.from_arrow(tables)
+
+
+def _data_mode(data: TrainingData, workers: int) -> str:
+    mode = os.environ.get(DATA_MODE_ENV, "auto")
+    if mode not in ("auto", "materialize", "stream"):
+        raise ValueError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
+    if mode != "auto":
+        return mode
+    shard = data.train.x.nbytes / workers
+    per_worker_memory = ray.cluster_resources().get("memory", 0) / max(1, workers)
+    return "materialize" if shard <= MATERIALIZE_FRACTION * per_worker_memory else "stream"
+
+
+def _ray_run(run: RunDir, cfg: RaeRunConfig, resume: bool) -> dict[str, str]:
+    """The Ray run's (name, storage_path): new and unique, or the recorded one on ``--resume``."""
+    path = run.path / RAY_RUN_FILE
+    if resume:
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {run.path} has no {RAY_RUN_FILE}: it was not trained on Ray "
+                                    "(resume it with --local)")
+        return json.loads(path.read_text())
+    storage = cfg.ray.storage_path or str((run.path / "ray").resolve())
+    rec = {"name": f"{cfg.variant}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", "storage_path": storage}
+    path.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+class _Relay:
+    """Driver thread: takes rank 0's rows from the queue actor, writes ``metrics.jsonl`` and logs the line.
+
+    A row for an epoch at or before one already written means the worker group restarted from an earlier
+    checkpoint and is re-training those epochs: the file is cut back first, so it ends with each epoch once,
+    from the lineage that finished.
+    """
+
+    def __init__(self, q: Queue, run: RunDir, log: Callable[[str], None]):
+        self.q, self.run, self.log = q, run, log
+        self.last_epoch = max((r.get("epoch", 0) for r in run.read_metrics()), default=0)
+        self.received: list[int] = []  # every epoch row received, in order (restarts show up as repeats)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="raeflow-metrics", daemon=True)
+
+    def start(self) -> "_Relay":
+        self._thread.start()
+        return self
+
+    def _handle(self, item: tuple) -> None:
+        kind, payload = item[0], item[1]
+        if kind == "log":
+            self.log(payload)
+            return
+        row, total = payload, item[2]
+        if row["epoch"] <= self.last_epoch:
+            self.run.truncate_metrics(row["epoch"] - 1)
+        self.run.append_metrics(row)
+        self.last_epoch = row["epoch"]
+        self.received.append(row["epoch"])
+        r = EpochResult(row["epoch"], row["stage"], {k: v for k, v in row.items() if isinstance(v, float)},
+                        bool(row.get("best")), bool(row.get("final")), "")
+        self.log(epoch_line(r, total))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._handle(self.q.get(block=True, timeout=0.5))
+            except Empty:
+                continue
+            except Exception as e:  # the queue actor gone (Ray shutting down): nothing more will come
+                if not self._stop.is_set():
+                    self.log(f"metrics relay stopped: {e}")
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        while True:  # rows put after the thread's last poll
+            try:
+                self._handle(self.q.get_nowait())
+            except Empty:
+                break
+
+
+def fit_ray(cfg: RaeRunConfig, model: nn.Module, data: TrainingData, run: RunDir, resume: bool,
+            log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Train on Ray Train; returns the selected (best, final-stage) model state."""
+    data_bytes = data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
+    plan = preflight(cfg, log, data_bytes=data_bytes)
+    try:
+        return _fit(cfg, model, data, run, resume, plan, log)
+    finally:
+        raycluster.shutdown_if_started(_OWNER)
+
+
+def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
+    workers = plan.workers
+    if not cfg.ray.gpu and (cfg.ray.amp or cfg.ray.compile):
+        log("ray.amp / ray.compile apply on GPU only: ignored on CPU")
+    per_worker_bs = max(1, cfg.train.batch_size // workers)
+    if per_worker_bs * workers != cfg.train.batch_size:
+        log(f"batch size {cfg.train.batch_size} does not divide by {workers} workers: global batch "
+            f"{per_worker_bs * workers}")
+    mode = _data_mode(data, workers)
+    rec = _ray_run(run, cfg, resume)
+    how = {"materialize": "read once into memory", "stream": "streamed"}[mode]
+    log(f"ray train: {plan.describe()}; {per_worker_bs} rows per worker per step; data {how} per worker; "
+        f"checkpoints in {rec['storage_path']}/{rec['name']}")
+    if len(ray.nodes()) > 1 and "://" not in rec["storage_path"]:
+        log("warning: a multi-node cluster with a local storage path: pass --storage-path on shared storage "
+            "(s3://, gs://, NFS) or checkpoints from other nodes cannot be restored")
+
+    blocks = max(2 * workers, math.ceil(data.train.x.nbytes / (64 * 2**20)))
+    datasets = {"train": to_ray_dataset(data.train, blocks)}
+    if data.val is not None:
+        datasets["val"] = to_ray_dataset(data.val, 2 * workers)
+    relay_q = Queue(actor_options={"num_cpus": 0})
+    fail_at = os.environ.get(FAIL_AT_EPOCH_ENV)
+    loop_config = {
+        "run": cfg.to_dict(), "variant": cfg.variant, "model_config": dict(model.config),
+        "init_state": ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "per_worker_batch": per_worker_bs, "has_val": data.val is not None, "data_mode": mode,
+        "n_train": len(data.train), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
+        "_fail_at_epoch": int(fail_at) if fail_at else None, "_fail_marker": os.environ.get(FAIL_MARKER_ENV),
+    }
+    # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).
+    split = ["train", "val"] if mode == "stream" else ["train"]
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=split),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.gpu),
+                                     resources_per_worker={"CPU": plan.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.ray.gpu else {})}),
+        run_config=RunConfig(
+            name=rec["name"], storage_path=rec["storage_path"],
+            # max_failures: worker-group restarts from the latest checkpoint. controller_failure_limit=0: a
+            # worker group that cannot start is an error, not an endless retry (REFERENCE.md).
+            failure_config=FailureConfig(max_failures=int(cfg.ray.max_failures), controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, int(cfg.train.keep_checkpoints)),
+                                               checkpoint_score_attribute="selection",
+                                               checkpoint_score_order="min")))
+    relay = _Relay(relay_q, run, log).start()
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception:
+        log(f"training failed; continue it with: raeflow train --resume -o {run.path}")
+        raise
+    finally:
+        relay.stop()
+        ray.kill(relay_q.actor)
+    log(f"ray train: fit {time.perf_counter() - t0:.1f}s")
+    return _best_model_state(result)
+
+
+def _best_model_state(result) -> dict[str, torch.Tensor]:
+    """The model of the best final-stage checkpoint (lowest ``selection``; of equals the earliest, as the
+    Trainer's strict "improved" test and the summary table choose), else of the latest checkpoint."""
+    final = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("final_stage")]
+    ckpt = min(final, key=lambda cm: (cm[1]["selection"], cm[1]["epoch"]))[0] if final else result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("Ray Train finished without a checkpoint")
+    with ckpt.as_directory() as d:
+        return load_checkpoint(d)["model"]
+
+
+# ============================================================================================ worker side
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of the exact bytes of every parameter and buffer: equal digests = identical weights."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _materialize(shard, shape: tuple[int, ...], share: tuple[int, int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read this worker's shard once, whole blocks at a time, into contiguous tensors; ``share=(rank, world)``
+    keeps the rows whose index is ``rank`` modulo ``world`` (a dataset Ray Data did not split)."""
+    xs, ys = [], []
+    for b in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        keep = slice(None) if share is None else (b["i"] % share[1]) == share[0]
+        xs.append(b["x"][keep])
+        if "y" in b:
+            ys.append(b["y"][keep])
+    x = torch.from_numpy(np.concatenate(xs).reshape(-1, *shape)) if xs else torch.empty(0, *shape)
+    y = torch.from_numpy(np.concatenate(ys)) if ys else None
+    return x, y
+
+
+class _StreamBatches:
+    """One epoch of this worker's shard streamed from Ray Data (a shard too large to hold in memory)."""
+
+    def __init__(self, shard, batch_size: int, shape, *, drop_last: bool, shuffle_seed: int | None):
+        self.shard, self.batch_size, self.shape = shard, batch_size, shape
+        self.drop_last, self.shuffle_seed = drop_last, shuffle_seed
+
+    def __iter__(self):
+        for b in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, drop_last=self.drop_last, device="cpu",
+                local_shuffle_buffer_size=None if self.shuffle_seed is None else 20 * self.batch_size,
+                local_shuffle_seed=self.shuffle_seed):
+            yield b["x"].reshape(-1, *self.shape), b.get("y")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the shared Trainer under DDP on this worker's shard."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-iteration "Starting execution" lines
+    started = {"worker_start_time": time.time()}  # start-up phases, in the first row of each worker group
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = RaeRunConfig.from_dict(config["run"])
+    relay: Queue = config["relay"]
+    threads = threads_per_worker(ctx.get_local_world_size(), cfg.train.threads)
+    # Ray sets OMP_NUM_THREADS to the worker's CPU request (1 or a fraction): without this each worker would
+    # run one thread however many cores its node has.
+    torch.set_num_threads(threads)
+    use_gpu = bool(config["use_gpu"])
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    # Per-rank RNG streams: corruption and dynamic binarisation noise differ between workers.
+    seed_everything(cfg.train.seed + 1000003 * rank)
+    model = build_model(config["variant"], **config["model_config"])
+    model.load_state_dict(ray.get(config["init_state"]))  # every worker starts from the driver's weights
+
+    def all_reduce_sum(t: torch.Tensor) -> None:
+        if world > 1:  # NCCL needs device tensors; the Trainer's sums are CPU float64
+            buf = t.to(device)
+            dist.all_reduce(buf)
+            t.copy_(buf)
+
+    def wrap(m: nn.Module) -> nn.Module:
+        out = m
+        if world > 1:
+            # find_unused_parameters: a phase (AAE's discriminator step, say) uses only some parameters.
+            out = nn.parallel.DistributedDataParallel(
+                m, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        if use_gpu and cfg.ray.compile:
+            out = torch.compile(out)
+        return out
+
+    trainer = Trainer(model, cfg.train, device=device, wrap=wrap, all_reduce_sum=all_reduce_sum,
+                      amp=use_gpu and cfg.ray.amp, log=lambda s: relay.put(("log", s)) if rank == 0 else None)
+    restored_at = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trainer.load_state_dict(load_checkpoint(d))
+        restored_at = trainer.progress.epoch
+        if rank != 0:  # the checkpoint holds rank 0's RNG state: give the other ranks their own streams again
+            seed_everything(cfg.train.seed + 1000003 * rank + 7919 * restored_at)
+        if rank == 0:
+            relay.put(("log", f"restored from checkpoint at epoch {restored_at}"))
+    if rank == 0:
+        relay.put(("log", f"ray train: {world} worker(s), {threads} torch thread(s) each, device {device}"))
+
+    shape = tuple(model.input_shape)
+    bs = int(config["per_worker_batch"])
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    if config["data_mode"] == "materialize":
+        x, y = _materialize(train_shard, shape)
+        # Ray Data splits equally; make certain all ranks take the same number of steps or DDP would wait forever.
+        n = torch.tensor([len(x)], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        x, y = x[: int(n)], None if y is None else y[: int(n)]
+        batches = TensorBatches(x, y, min(bs, len(x)), seed=cfg.train.seed + 7919 * rank)
+        whole = TensorBatches(x, y, max(bs, 512), shuffle=False, drop_last=False)
+        steps = len(batches)
+        val = None
+        if val_shard is not None:
+            # Validation is not split by Ray Data in this mode (one split coordinator actor less to start):
+            # every worker reads it and keeps its strided share; the Trainer sums the shares across workers.
+            vx, vy = _materialize(val_shard, shape, share=(rank, world))
+            val = TensorBatches(vx, vy, max(bs, 512), shuffle=False, drop_last=False)
+        val_batches = (lambda: val) if val is not None else None
+    else:
+        steps = (int(config["n_train"]) // world) // bs
+        val_batches = None
+        if val_shard is not None:
+            val_batches = lambda: _StreamBatches(val_shard, max(bs, 512), shape,  # noqa: E731
+                                                 drop_last=False, shuffle_seed=None)
+
+    started["data_ready_time"] = time.time()
+    fail_at, marker = config.get("_fail_at_epoch"), config.get("_fail_marker")
+
+    loop_cpu = {"s": 0.0}
+
+    def cpu_timed(batches):
+        """This process's CPU seconds over the training loop (to the last step), a figure other load on the
+        machine barely moves, unlike wall time."""
+        c0 = time.process_time()
+        yield from batches
+        loop_cpu["s"] = time.process_time() - c0
+
+    def train_batches(epoch: int):
+        return cpu_timed(_train_batches(epoch))
+
+    def _train_batches(epoch: int):
+        closed_form = trainer.stages[trainer.progress.stage].closed_form
+        if config["data_mode"] == "materialize":
+            if closed_form:  # moments from every row, not whole batches only: same fit as a single process
+                it = whole
+            else:
+                batches.set_epoch(epoch)
+                it = batches
+        else:
+            it = _StreamBatches(train_shard, bs, shape, drop_last=not closed_form,
+                                shuffle_seed=None if closed_form else cfg.train.seed + 7919 * rank + epoch)
+        if fail_at is not None and epoch + 1 == fail_at and rank == world - 1 and marker \
+                and not os.path.exists(marker):
+            return _fail_midway(it, marker, epoch + 1)
+        return it
+
+    total = trainer.total_epochs
+    every = max(1, int(cfg.train.checkpoint_every))
+    final_name = trainer.stages[-1].name
+
+    def on_epoch_end(r: EpochResult) -> None:
+        nonlocal restored_at
+        mine = (weights_digest(trainer.model), loop_cpu["s"])
+        gathered = [mine]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+        digests = [d for d, _ in gathered]
+        final_stage = r.stage == final_name
+        sel = r.metrics.get(r.selection_metric, r.metrics.get(r.selection_metric.replace("val_", "train_"),
+                                                              math.nan))
+        metrics = {**r.metrics, "epoch": r.epoch, "stage": r.stage, "final_stage": final_stage,
+                   "selection": float(sel) if final_stage else NOT_FINAL}
+        # Only epochs with a checkpoint are reported to Ray: a report is a barrier across workers and waits for
+        # the controller to have taken the previous one, and the driver gets every epoch's row from the relay.
+        # Synchronous upload: the report is queued before training goes on, so a failure later in the next
+        # epoch restarts from this checkpoint.
+        if r.epoch % every == 0 or r.final or r.is_best:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:  # one copy: the state is identical on every rank
+                    save_checkpoint(trainer.state_dict(), d)
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{r.epoch:04d}")
+        if rank == 0:
+            row = metrics_row(r)
+            row.update(workers=world, steps=steps, weights_sha=digests, weights_in_sync=len(set(digests)) == 1,
+                       cpu_s=sum(c for _, c in gathered))
+            if restored_at is not None:
+                row["resumed_from"] = restored_at
+                restored_at = None
+            if started:
+                row.update(started)
+                started.clear()
+            relay.put(("row", row, total))
+
+    trainer.fit(train_batches, val_batches, steps, on_epoch_end)
+
+
+def _fail_midway(batches, marker: str, epoch: int):
+    """Test hook: yield two batches of the epoch, then die once (the marker file spares the replacement)."""
+    items = iter(batches)
+    n = 0
+    for item in items:
+        yield item
+        n += 1
+        if n >= 2:
+            break
+    Path(marker).write_text(f"failed at epoch {epoch}\n")
+    raise RuntimeError(f"injected worker failure at epoch {epoch} ({FAIL_AT_EPOCH_ENV})")

@@ -1,0 +1,244 @@
+"""Ray Train engine: every variant data-parallel on 2 workers, worker failure, driver kill + --resume, --gpu.
+
+Real parts throughout: a local Ray (started once per session by the ``ray_local`` fixture), real TorchTrainer
+fits on scikit-learn digits, real checkpoints. Each fit costs ~20 s of fixed Ray Train start-up on 2 cores,
+so each test does one fit and checks everything that fit can show.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import raeflow
+from raeflow.config import RunConfig
+from raeflow.models.base import TrainPlan
+from raeflow.raycluster import plan_workers
+from raeflow.registry import build_model
+from raeflow.train.rundir import RunDir, load_checkpoint
+
+
+def _cfg(variant: str, out: Path, *, workers: int = 2, epochs: int = 2, **train) -> RunConfig:
+    cfg = RunConfig(variant=variant, output=str(out))
+    cfg.data.dataset = "digits"
+    cfg.train.epochs = epochs
+    cfg.ray.workers = workers
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _rows(out: Path) -> list[dict]:
+    return RunDir(out).read_metrics()
+
+
+def _ray_run_dir(out: Path) -> Path:
+    rec = json.loads((out / "ray.json").read_text())
+    return Path(rec["storage_path"]) / rec["name"]
+
+
+# ------------------------------------------------------------------------------------ no Ray needed
+def test_plan_workers_leaves_a_cpu_for_ray_data():
+    # REFERENCE.md: 4 workers x 0.5 CPU on 2 CPUs hang (Ray Data gets nothing); 4 x 0.25 run.
+    p = plan_workers(4, 2.0)
+    assert (p.cpus_per_worker, p.reserved_cpus) == (0.25, 1.0)
+    assert p.cpus_per_worker * p.workers + p.reserved_cpus <= 2.0
+    assert "fractional" in p.describe()
+    assert plan_workers(2, 2.0).cpus_per_worker == 0.5
+    assert plan_workers(1, 2.0).cpus_per_worker == 1.0
+    assert plan_workers(3, 2.0).cpus_per_worker == 0.33
+    big = plan_workers(4, 16.0)
+    assert big.cpus_per_worker == 1.0 and big.notes == []
+    assert plan_workers(1, 1.0).cpus_per_worker == 0.5
+
+
+def test_plan_workers_gpu_errors_are_clear():
+    with pytest.raises(ValueError, match="no GPU"):
+        plan_workers(2, 8.0, 0.0, use_gpu=True)
+    with pytest.raises(ValueError, match="need one GPU each"):
+        plan_workers(4, 8.0, 2.0, use_gpu=True)
+    p = plan_workers(2, 8.0, 2.0, use_gpu=True)
+    assert (p.gpus_per_worker, p.cpus_per_worker) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_workers(0, 2.0)
+
+
+# ---------------------------------------------------------------------------------------- Ray fits
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", raeflow.list_variants())
+def test_variant_trains_data_parallel(variant, ray_local, tmp_path):
+    """2 workers, 2 epochs per stage: falling loss per stage, identical weights on both workers after every
+    epoch (every phase and stage under DDP), metrics complete, best model = best final-stage checkpoint."""
+    from raeflow.train.run import train
+
+    out = tmp_path / "run"
+    logs: list[str] = []
+    result = train(_cfg(variant, out), log=logs.append)
+
+    model = raeflow.load_model(out)
+    stages = model.stages(TrainPlan(2))
+    total = sum(s.epochs for s in stages)
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == list(range(1, total + 1))
+    assert sum(1 for line in logs if line.startswith("epoch ")) == total  # the live progress line, per epoch
+    assert any("2 worker(s)" in line for line in logs)
+    closed_form = {s.name for s in stages if s.closed_form}
+    for r in rows:
+        assert r["workers"] == 2 and r["samples_per_s"] > 0 and r["epoch_s"] > 0
+        # samples/s counts both workers' rows: steps x 64 per worker x 2 (closed form: every row once)
+        seen = 1348 if r["stage"] in closed_form else r["steps"] * 64 * 2
+        assert r["samples_per_s"] * r["epoch_s"] == pytest.approx(seen, rel=1e-6)
+        assert len(r["weights_sha"]) == 2 and r["weights_in_sync"], f"workers diverged at epoch {r['epoch']}: {r}"
+
+    # The loss falls within every stage that has more than one epoch.
+    for st in stages:
+        srows = [r for r in rows if r["stage"] == st.name]
+        assert len(srows) == st.epochs
+        if st.epochs < 2:
+            continue
+        key = "train_loss" if "train_loss" in srows[0] else model.selection_metric.replace("val_", "train_")
+        assert srows[-1][key] < srows[0][key], f"{variant} {st.name}: {key} did not fall: {srows}"
+
+    # The selected model is the final stage's best epoch, and it is that epoch's Ray checkpoint.
+    sel = model.selection_metric
+    finals = [r for r in rows if r["stage"] == stages[-1].name]
+    best = min(finals, key=lambda r: (r[sel], r["epoch"]))
+    assert result.best_epoch == best["epoch"]
+    ckpt_dir = _ray_run_dir(out) / f"epoch-{best['epoch']:04d}"
+    state = load_checkpoint(ckpt_dir)
+    assert set(state) >= {"model", "optimizers", "schedulers", "progress", "rng"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    kept = sorted(p.name for p in _ray_run_dir(out).glob("epoch-*"))
+    assert len(kept) <= RunConfig().train.keep_checkpoints + 1  # the K best plus the latest
+    assert f"epoch-{total:04d}" in kept  # the latest is always kept (resume continues from it)
+
+    if variant == "pca":  # the closed-form fit from all-reduced moments = one process on all rows
+        from raeflow.data import load_training_data
+
+        data = load_training_data("digits")
+        ref = build_model("pca", **model.config)
+        ref.accumulate(torch.from_numpy(data.train.x))
+        ref.finalize()
+        assert torch.allclose(model.components, ref.components, atol=1e-4)
+        assert torch.allclose(model.mean, ref.mean, atol=1e-6)
+        with torch.no_grad():
+            ref_val = float(ref(torch.from_numpy(data.val.x))["loss"])
+        assert rows[0]["val_loss"] == pytest.approx(ref_val, rel=1e-4)  # the val loss of the local fit
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_worker_failure_restarts_from_latest_checkpoint(ray_local, tmp_path, monkeypatch):
+    """A worker raising mid-epoch 2 is replaced; training continues from epoch 1's checkpoint, and
+    metrics.jsonl ends with epochs 1..3 exactly once."""
+    from raeflow.train.ray_engine import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+    from raeflow.train.run import train
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    monkeypatch.setenv(FAIL_MARKER_ENV, str(marker))
+    out = tmp_path / "run"
+    cfg = _cfg("dae", out, epochs=3)
+    cfg.ray.max_failures = 1
+    logs: list[str] = []
+    train(cfg, log=logs.append)
+
+    assert marker.read_text().startswith("failed at epoch 2")
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["resumed_from"] == 1  # epoch 2 ran again from the checkpoint of epoch 1 ...
+    assert "resumed_from" not in rows[0] and "resumed_from" not in rows[2]
+    assert [line.split()[1] for line in logs if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]  # ... only it
+    assert any("restored from checkpoint at epoch 1" in line for line in logs)
+    assert all(r["weights_in_sync"] for r in rows)
+    assert rows[2]["train_loss"] < rows[0]["train_loss"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_resume_after_driver_killed(ray_local, tmp_path, monkeypatch):
+    """`raeflow train` (joining this session's Ray with --address) is SIGKILLed after 2+ epochs; `--resume`
+    continues from the latest Ray checkpoint (same RunConfig name/storage) and finishes every epoch once. The
+    resumed half streams its shard from Ray Data instead of materialising it."""
+    from raeflow.train.ray_engine import DATA_MODE_ENV
+    from raeflow.train.run import train
+
+    epochs = 10
+    out = tmp_path / "run"
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raeflow.cli.main", "train", "--variant", "ae", "--dataset", "digits", "--workers",
+         "2", "--epochs", str(epochs), "-o", str(out), "--address", address],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done_before = len(_rows(out))
+    assert 2 <= done_before < epochs
+
+    # The dead driver's job (controller, workers, placement group) is cleaned up by Ray: wait for the CPUs.
+    deadline = time.time() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+
+    monkeypatch.setenv(DATA_MODE_ENV, "stream")
+    cfg = RunConfig(output=str(out))
+    cfg.ray.workers = 2
+    logs: list[str] = []
+    result = train(cfg, resume=True, log=logs.append)
+
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    resumed = [r for r in rows if "resumed_from" in r]
+    assert len(resumed) == 1
+    start = resumed[0]["resumed_from"]
+    assert resumed[0]["epoch"] == start + 1 and start >= 1
+    assert sum(1 for line in logs if line.startswith("epoch ")) == epochs - start  # nothing trained twice
+    assert any("data streamed per worker" in line for line in logs)
+    assert rows[-1]["steps"] == (1348 // 2) // 64
+    assert all(r["weights_in_sync"] for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert result.epochs == epochs and math.isfinite(result.best)
+    assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_gpu_without_gpus_fails_at_once(ray_local, tmp_path):
+    from typer.testing import CliRunner
+
+    from raeflow.cli.main import app
+    from raeflow.train.run import train
+
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    cfg = _cfg("ae", tmp_path / "run")
+    cfg.ray.gpu = True
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"--gpu: the Ray cluster has no GPU"):
+        train(cfg, log=lambda s: None)
+    assert time.perf_counter() - t0 < 30  # no worker was started
+    assert not (tmp_path / "run").exists()  # and no run directory made
+
+    res = CliRunner().invoke(app, ["train", "--gpu", "--dataset", "digits", "-o", str(tmp_path / "cli")])
+    assert res.exit_code == 2
+    assert "no GPU" in res.output
