@@ -91,7 +91,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
         return False
     for k, v in LOCAL_ONLY_ENV.items():
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=num_cpus, include_dashboard=False,
+    # _node_ip_address: measured here, the env flag above alone still left raylet, GCS and Serve's replicas
+    # listening on every interface; naming the loopback address moves them to 127.0.0.1 (a local instance
+    # never needs to be reached from another machine).
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=object_store_memory or MIN_OBJECT_STORE, log_to_driver=log_to_driver)
     _started_by = owner
     log(f"ray: started a local instance ({_fmt_resources(ray.cluster_resources())}, object store "
