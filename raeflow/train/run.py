@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_training_data
@@ -97,7 +99,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
     def train_batches(epoch: int):
         batches.set_epoch(epoch)
-        return batches
+        # A per-batch bar on a terminal (long MNIST epochs); the per-epoch line and metrics.jsonl remain the record.
+        return tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not sys.stderr.isatty())
 
     def on_epoch_end(r: EpochResult) -> None:
         # Checkpoint first: a metrics row is only written for an epoch a resume would not train again.
