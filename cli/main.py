@@ -85,11 +85,6 @@ def train(
         _fail(e)
 
 
-def not_yet(command: str) -> None:
-    typer.secho(f"`raeflow {command}` is not available in this version yet.", fg=typer.colors.YELLOW, err=True)
-    raise typer.Exit(2)
-
-
 # Each command family lives in its own module with a `register(app)`; `bench` is a group its modules extend.
 bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios (see BENCHMARKS.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
