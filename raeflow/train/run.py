@@ -89,7 +89,9 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
     x = torch.from_numpy(data.train.x)
     y = None if data.train.y is None else torch.from_numpy(data.train.y)
     bs = min(cfg.train.batch_size, len(x))
-    batches = TensorBatches(x, y, bs, seed=cfg.train.seed)
+    # A closed-form fit (PCA) must see every row; gradient stages drop the ragged last batch as usual.
+    closed_form = any(st.closed_form for st in trainer.stages)
+    batches = TensorBatches(x, y, bs, seed=cfg.train.seed, drop_last=not closed_form)
     val_batches = None
     if data.val is not None:
         vx = torch.from_numpy(data.val.x)
