@@ -19,6 +19,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Data-parallel Ray Train workers."),
         head_hidden: Optional[int] = typer.Option(None, "--head-hidden",
                                                   help="A dense ReLU layer of this width before the softmax."),
+        dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the encoder's features and the head."),
         set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set train.weight_decay=1e-4."),
         local: bool = typer.Option(False, "--local", help="Train in this process without Ray."),
     ):
@@ -28,6 +29,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             finetune(model, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
-                     head_hidden=head_hidden, local=local, sets=set_)
+                     head_hidden=head_hidden, dropout=dropout, local=local, sets=set_)
         except USER_ERRORS as e:
             _fail(e)

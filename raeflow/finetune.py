@@ -39,7 +39,7 @@ def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = Non
 
 def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike | None = None, *,
              epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-             workers: int | None = None, head_hidden: int | None = None, local: bool = False,
+             workers: int | None = None, head_hidden: int | None = None, dropout: float = 0.0, local: bool = False,
              sets: Sequence[str] = (), log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune the encoder of the autoencoder in ``model`` (a run or model directory) as a classifier of
     ``dataset``'s labels; writes the run directory ``output`` and returns :func:`train`'s result.
@@ -76,7 +76,7 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
     base = load_model(src)
     clf = Classifier.from_autoencoder(base, num_classes, head_hidden, input_shape=data.train.shape,
                                       pretrained={"path": str(src), "variant": saved["variant"],
-                                                  "sha256": model_sha256(src)})
+                                                  "sha256": model_sha256(src)}, dropout=dropout)
     log(f"fine-tuning the {saved['variant']} encoder of {src} as a {num_classes}-class classifier "
         f"({clf.feature_dim} features{f', head {head_hidden}' if head_hidden else ''})")
     return train(cfg, local=local, log=log, model=clf, data=data)

@@ -9,6 +9,7 @@ import torch
 
 from raeflow.config import RunConfig
 from raeflow.data import load_eval_data, load_training_data
+from raeflow.io import load_model
 from raeflow.evaluate import TASKS, evaluate, parzen_log_likelihood
 from raeflow.train.run import train
 
@@ -70,6 +71,13 @@ def test_likelihood_iwae_is_tighter_than_elbo(runs):
     for proto in ("fixed", "dynamic"):
         nll, elbo = res[proto]["nll"], res[proto]["elbo"]
         assert 0 < nll <= -elbo + 0.5  # the k-sample bound is at least as tight as the ELBO (up to MC noise)
+    # grey-level BCE + KL per image is the model's own training loss on the (unbinarised) test images
+    model = load_model(runs["vae"]).eval()
+    x = torch.from_numpy(load_eval_data("digits:test").x)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        loss = float(model(x)["loss"])
+    assert res["grey"]["bce_plus_kl"] == pytest.approx(loss, rel=0.05)
 
 
 def test_parzen_matches_a_direct_gaussian_mixture_density():

@@ -150,3 +150,26 @@ def test_finetune_refuses_unlabelled_data_mismatched_shapes_and_classifiers(ae_r
     with pytest.raises(ValueError, match="not an autoencoder"):
         finetune(clf_dir, "digits", tmp_path / "o4", epochs=1, local=True, **QUIET)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing written for a refused run
+
+
+@pytest.mark.parametrize("build", [
+    lambda p: Classifier("ae", {"input_shape": [1, 8, 8], "hidden": [32], "latent_dim": 16}, 10, head_hidden=24,
+                         dropout=p),
+    lambda p: build_model("sdae", input_shape=(1, 8, 8), hidden=(32, 16), dropout=p),
+], ids=["classifier", "sdae"])
+def test_dropout_is_random_in_training_identity_in_eval_and_recorded(build, digits_test):
+    x, _ = digits_test
+    x = x[:64]
+    plain, dropped = build(0.0), build(0.5)
+    dropped.load_state_dict(plain.state_dict())  # same weights: only dropout differs
+    assert dropped.config["dropout"] == 0.5 and plain.config["dropout"] == 0.0
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.predict(x), dropped.predict(x))  # eval mode: dropout is the identity
+        dropped.train()
+        torch.manual_seed(0)
+        a = dropped.predict(x)
+        b = dropped.predict(x)
+    assert not torch.allclose(a, b)  # training mode: a fresh mask per call
+    with pytest.raises(ValueError, match="dropout"):
+        build(1.0)

@@ -46,15 +46,20 @@ def _first_layer(m: nn.Module) -> nn.Module:
 class Classifier(nn.Module):
     """``encoder_modules()`` of ``base_variant`` built from ``base_config``, then a head: ``Linear`` to
     ``num_classes`` logits, or ``Linear(head_hidden) -> ReLU -> Linear`` (Masci et al. put a 300-unit dense layer
-    before the softmax). ``pretrained`` is provenance only (where the initial encoder weights came from)."""
+    before the softmax). ``dropout`` (Srivastava et al. 2014) drops encoder features and head units while
+    training; it is what lets a pretrained MLP/CNN reach the papers' error rates with a modern optimiser.
+    ``pretrained`` is provenance only (where the initial encoder weights came from)."""
 
     has_prior = False
     selection_metric = "val_error"
 
     def __init__(self, base_variant: str, base_config: dict[str, Any], num_classes: int = 10,
                  head_hidden: int | None = None, input_shape: Sequence[int] | None = None,
-                 pretrained: dict[str, Any] | None = None):
+                 pretrained: dict[str, Any] | None = None, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.dropout = float(dropout)
         info = get_variant(base_variant)
         if info.kind != "autoencoder":
             raise ValueError(f"a classifier is built on an autoencoder's encoder; {base_variant!r} is a {info.kind}")
@@ -81,20 +86,20 @@ class Classifier(nn.Module):
             features = self.features(torch.zeros(1, *self.input_shape)).shape[1]
             self.encoder.train(was)
         self.feature_dim = int(features)
-        if head_hidden:
-            self.head = nn.Sequential(nn.Linear(features, int(head_hidden)), nn.ReLU(),
-                                      nn.Linear(int(head_hidden), self.num_classes))
+        if head_hidden:  # Dropout is a no-op at p=0 and in eval mode, so the layout is the same either way
+            self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(features, int(head_hidden)), nn.ReLU(),
+                                      nn.Dropout(self.dropout), nn.Linear(int(head_hidden), self.num_classes))
         else:
-            self.head = nn.Linear(features, self.num_classes)
+            self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(features, self.num_classes))
         self.latent_dim = int(head_hidden) if head_hidden else self.feature_dim  # what `encode` returns
 
     @classmethod
     def from_autoencoder(cls, base: nn.Module, num_classes: int, head_hidden: int | None = None,
                          input_shape: Sequence[int] | None = None,
-                         pretrained: dict[str, Any] | None = None) -> "Classifier":
+                         pretrained: dict[str, Any] | None = None, dropout: float = 0.0) -> "Classifier":
         """A classifier whose encoder starts from ``base``'s trained encoder weights (the head is random)."""
         shape = list(base.input_shape if input_shape is None else input_shape)
-        clf = cls(base.variant, dict(base.config), num_classes, head_hidden, shape, pretrained)
+        clf = cls(base.variant, dict(base.config), num_classes, head_hidden, shape, pretrained, dropout)
         for mine, theirs in zip(clf.encoder, base.encoder_modules()):
             mine.load_state_dict(theirs.state_dict())
         return clf
@@ -118,8 +123,8 @@ class Classifier(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The representation the softmax reads: the head's hidden layer, or the encoder's output."""
         h = self.features(x)
-        if isinstance(self.head, nn.Sequential):
-            h = self.head[1](self.head[0](h))
+        if len(self.head) > 2:  # the hidden layer's ReLU output (its dropout is identity in eval mode)
+            h = self.head[2](self.head[1](self.head[0](h)))
         return h
 
     def stages(self, plan: TrainPlan) -> list[Stage]:

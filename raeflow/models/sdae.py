@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.classifier import classification_terms
@@ -37,7 +38,9 @@ class StackedDAE(Autoencoder):
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),
                  num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
-                 corruption: dict | None = DEFAULT_CORRUPTION):
+                 corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0):
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         widths = [int(h) for h in hidden]
         if latent_dim is not None:
             if not widths:
@@ -51,6 +54,7 @@ class StackedDAE(Autoencoder):
         self.sizes = [self.input_dim, *widths]  # [D, h1, ..., hn]
         self.num_layers = len(widths)
         self.num_classes = int(num_classes)
+        self.dropout = float(dropout)
         for k in range(1, self.num_layers + 1):
             # enc{k}: (B, sizes[k-1]) -> (B, sizes[k]) sigmoid units; dec{k}: back, pre-activation.
             setattr(self, f"enc{k}", nn.Sequential(nn.Linear(self.sizes[k - 1], self.sizes[k]), nn.Sigmoid()))
@@ -99,8 +103,11 @@ class StackedDAE(Autoencoder):
         return [getattr(self, f"enc{k}") for k in range(1, self.num_layers + 1)]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, *input_shape) -> (B, num_classes) logits."""
-        return self.head(self._encode(x))
+        """(B, *input_shape) -> (B, num_classes) logits; dropout between layers while training."""
+        h = x.flatten(1)
+        for k in range(1, self.num_layers + 1):
+            h = F.dropout(getattr(self, f"enc{k}")(h), self.dropout, self.training)
+        return self.head(h)
 
     def _layer_loss_kind(self, k: int) -> str:
         # Layer 1 reconstructs the data with the configured loss; higher layers reconstruct sigmoid units in
