@@ -154,7 +154,10 @@ def retrieval(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict)
     from raeflow.embed.retrieval import default_plot_path, format_table, plot_retrieval
     from raeflow.embed.retrieval import retrieval as run_retrieval
 
-    res = run_retrieval(opts["model_dir"], opts["dataset"])
+    extra = {"test": data} if data.split == "test" else {}  # reuse the split evaluate() has loaded
+    if extra and train is not None and train.split == "train" and data.x.ndim > 2:
+        extra["train"] = train
+    res = run_retrieval(opts["model_dir"], opts["dataset"], **extra)
     res["plot"] = str(plot_retrieval(res, default_plot_path(opts["model_dir"], res)))
     res["table"] = format_table(res)
     return res

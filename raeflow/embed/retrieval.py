@@ -83,8 +83,9 @@ def _model_info(model_dir: str | os.PathLike, enc: Any) -> dict[str, Any]:
 
 def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroups", *,
                        levels: Sequence[float] = RECALL_LEVELS, lsa_dim: int | None = None, baselines: bool = True,
-                       log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Precision at recall levels for the model's codes vs LSA on the test split of ``dataset``."""
+                       test: Any = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Precision at recall levels for the model's codes vs LSA on the test split of ``dataset``.
+    ``test``: that split already loaded through the model's vectoriser (``raeflow eval`` has it), else loaded here."""
     from sklearn.decomposition import TruncatedSVD
 
     from raeflow.data import load_eval_data
@@ -103,7 +104,7 @@ def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroup
         raise ValueError(f"{model_dir} has no vectoriser.json: it is not a document model")
     vec = Vectoriser.from_json(saved)
     t0 = time.perf_counter()
-    test = load_eval_data(f"{name}:{split}", vec)
+    test = test if test is not None else load_eval_data(f"{name}:{split}", vec)
     if test.y is None:
         raise ValueError(f"{name}:{split} has no labels: retrieval precision needs classes")
     codes, enc = _encode(model_dir, test.x)
@@ -130,8 +131,10 @@ def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroup
 
 
 def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: int = 10, pca_dim: int | None = None,
-                    baselines: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """precision@k of same-label neighbours in code space vs pixel space vs PCA on the test split."""
+                    baselines: bool = True, test: Any = None, train: Any = None,
+                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """precision@k of same-label neighbours in code space vs pixel space vs PCA on the test split.
+    ``test`` / ``train``: those splits when the caller has them loaded already (``raeflow eval``)."""
     from sklearn.decomposition import PCA
 
     from raeflow.data import load_eval_data
@@ -144,7 +147,7 @@ def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: 
         raise ValueError(f"image retrieval needs a built-in image dataset (mnist, fashion-mnist, digits), "
                          f"got {dataset!r}")
     t0 = time.perf_counter()
-    test = load_eval_data(f"{name}:{split}")
+    test = test if test is not None else load_eval_data(f"{name}:{split}")
     if test.y is None:
         raise ValueError(f"{name}:{split} has no labels")
     codes, enc = _encode(model_dir, test.x)
@@ -153,7 +156,7 @@ def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: 
                              "what": "the model's codes"}}
     if baselines:
         pixels = test.x.reshape(len(test), -1)
-        train = load_eval_data(f"{name}:train").x
+        train = (train if train is not None else load_eval_data(f"{name}:train")).x
         pca = PCA(n_components=dim, random_state=0).fit(train.reshape(len(train), -1))
         methods["pixels"] = {"dim": int(pixels.shape[1]), "precision_at_k": precision_at_k(pixels, test.y, k),
                              "what": "raw pixels in [0, 1]"}
