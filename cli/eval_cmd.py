@@ -17,6 +17,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         task: List[str] = typer.Option([], "--task", "-t", help="reconstruction | probe | classify | likelihood | "
                                        "parzen | denoise | retrieval | all (repeat; default: all that apply)."),
         k: int = typer.Option(200, "--k", help="Importance samples for the likelihood task."),
+        binarisation: str = typer.Option("both", "--binarisation",
+                                         help="Likelihood protocol: fixed | dynamic | both (k=5000 on one "
+                                              "protocol costs what k=1250 on both does)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where eval-*.json/.md go "
                                               "(default RUN_DIR/eval)."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -28,7 +31,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         tasks = None if not task or task == ["all"] else task
         try:
-            res = evaluate(model, dataset, tasks, {"k": k}, log=(lambda s: None) if as_json else typer.echo)
+            res = evaluate(model, dataset, tasks, {"k": k, "binarisation": binarisation},
+                           log=(lambda s: None) if as_json else typer.echo)
             out = output or model_dir(model).parent / "eval"
             paths = save_results(res, out)
         except USER_ERRORS as e:

@@ -82,8 +82,14 @@ def likelihood(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict
     k = int(opts.get("k", 200))
     n = int(opts.get("likelihood_n", len(data)))
     x = data.x[:n]
+    which = opts.get("binarisation", "both")
+    protocols = {"fixed": [0], "dynamic": [1, 2, 3]}
+    if which != "both":
+        if which not in protocols:
+            raise ValueError(f"binarisation must be fixed, dynamic or both; got {which!r}")
+        protocols = {which: protocols[which]}
     out: dict[str, Any] = {"k": k, "n": n, "unit": "nats per image"}
-    for proto, seeds in (("fixed", [0]), ("dynamic", [1, 2, 3])):
+    for proto, seeds in protocols.items():
         nll, elbo = [], []
         for s in seeds:
             xb = binarize(x, s)

@@ -80,6 +80,13 @@ def test_likelihood_iwae_is_tighter_than_elbo(runs):
     assert res["grey"]["bce_plus_kl"] == pytest.approx(loss, rel=0.05)
 
 
+def test_likelihood_can_run_one_binarisation_protocol(runs):
+    fixed = evaluate(runs["vae"], "digits", ["likelihood"], {"k": 5, "binarisation": "fixed"}, **QUIET)
+    assert {"fixed", "grey"} <= set(fixed["tasks"]["likelihood"]) and "dynamic" not in fixed["tasks"]["likelihood"]
+    with pytest.raises(ValueError, match="binarisation"):
+        evaluate(runs["vae"], "digits", ["likelihood"], {"binarisation": "once"}, **QUIET)
+
+
 def test_parzen_matches_a_direct_gaussian_mixture_density():
     g = torch.Generator().manual_seed(0)
     samples, x = torch.rand(50, 3, generator=g).double(), torch.rand(7, 3, generator=g).double()
