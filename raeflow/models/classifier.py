@@ -124,7 +124,7 @@ class Classifier(nn.Module):
         """The representation the softmax reads: the head's hidden layer, or the encoder's output."""
         h = self.features(x)
         if len(self.head) > 2:  # the hidden layer's ReLU output (its dropout is identity in eval mode)
-            h = self.head[2](self.head[1](self.head[0](h)))
+            h = self.head[:3](h)
         return h
 
     def stages(self, plan: TrainPlan) -> list[Stage]:

@@ -80,11 +80,12 @@ class StackedDAE(Autoencoder):
         return out
 
     # ------------------------------------------------------------------------------------------ layers
-    def _hidden(self, x: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output of layers 1..upto: (B, *input_shape) -> (B, sizes[upto]); upto=0 is the flattened input."""
+    def _hidden(self, x: torch.Tensor, upto: int, dropout: float = 0.0) -> torch.Tensor:
+        """Output of layers 1..upto: (B, *input_shape) -> (B, sizes[upto]); upto=0 is the flattened input.
+        ``dropout`` after every layer (training mode only): the fine-tuning pass's, never pretraining's."""
         h = x.flatten(1)
         for k in range(1, upto + 1):
-            h = getattr(self, f"enc{k}")(h)
+            h = F.dropout(getattr(self, f"enc{k}")(h), dropout, self.training)
         return h
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +105,7 @@ class StackedDAE(Autoencoder):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> (B, num_classes) logits; dropout between layers while training."""
-        h = x.flatten(1)
-        for k in range(1, self.num_layers + 1):
-            h = F.dropout(getattr(self, f"enc{k}")(h), self.dropout, self.training)
-        return self.head(h)
+        return self.head(self._hidden(x, self.num_layers, self.dropout))
 
     def _layer_loss_kind(self, k: int) -> str:
         # Layer 1 reconstructs the data with the configured loss; higher layers reconstruct sigmoid units in
