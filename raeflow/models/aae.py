@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from raeflow.models import capabilities as cap
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, mlp, reconstruction_loss
 from raeflow.registry import register_model
 
@@ -32,7 +33,7 @@ class AdversarialAE(Autoencoder):
     Corruption (if configured) applies to the reconstruction phase's input only.
     """
 
-    has_prior = True
+    capabilities = frozenset({cap.ENCODE, cap.RECONSTRUCT, cap.GENERATE})
     # The trainer prefixes a multi-phase stage's terms with the phase: the `recon` term of phase `recon`.
     selection_metric = "val_recon_recon"
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raeflow.models import capabilities as cap
 from raeflow.models.corruption import Corruption
 
 Shape = tuple[int, ...]
@@ -86,8 +87,9 @@ class Autoencoder(nn.Module):
     ``_decode_raw`` and, where they need more than a reconstruction loss, ``forward``."""
 
     variant: str = "?"  # set by @register_model
-    #: the generator endpoints (``sample``) apply: VAE, AAE
-    has_prior: bool = False
+    #: what every instance of the class can do (see raeflow.models.capabilities); consumers read
+    #: ``declared_capabilities()``, never the variant name
+    capabilities: frozenset[str] = frozenset({cap.ENCODE, cap.RECONSTRUCT})
     #: lower is better; the trainer keeps the checkpoint that minimises it in the final stage
     selection_metric: str = "val_loss"
 
@@ -101,6 +103,13 @@ class Autoencoder(nn.Module):
         self.corruption = Corruption.from_config(corruption)
 
     # ----------------------------------------------------------------------------------------- interface
+    def declared_capabilities(self) -> frozenset[str]:
+        """The class's capabilities, plus ``denoise`` when this instance was trained on corrupted inputs."""
+        caps = set(type(self).capabilities)
+        if self.corruption is not None and cap.RECONSTRUCT in caps:
+            caps.add(cap.DENOISE)
+        return frozenset(caps)
+
     @property
     def input_dim(self) -> int:
         n = 1
@@ -168,7 +177,8 @@ class Autoencoder(nn.Module):
     def describe(self) -> dict[str, Any]:
         """What /models and `raeflow variants` say of a built model."""
         return {"variant": self.variant, "input_shape": list(self.input_shape), "latent_dim": self.latent_dim,
-                "generator": self.has_prior, "parameters": sum(p.numel() for p in self.parameters())}
+                "capabilities": sorted(self.declared_capabilities()),
+                "parameters": sum(p.numel() for p in self.parameters())}
 
 
 def parameters_of(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Parameter]:

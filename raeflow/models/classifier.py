@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raeflow.models import capabilities as cap
 from raeflow.models.base import Stage, TrainPlan
 from raeflow.registry import build_model, get_variant, register_model
 
@@ -50,7 +51,8 @@ class Classifier(nn.Module):
     training; it is what lets a pretrained MLP/CNN reach the papers' error rates with a modern optimiser.
     ``pretrained`` is provenance only (where the initial encoder weights came from)."""
 
-    has_prior = False
+    #: a classifier answers labels; ``encode`` gives its penultimate features (for probes and search)
+    capabilities = frozenset({cap.CLASSIFY, cap.ENCODE})
     selection_metric = "val_error"
 
     def __init__(self, base_variant: str, base_config: dict[str, Any], num_classes: int = 10,

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from raeflow.models import capabilities as cap
 from raeflow.losses import contractive_penalty_sigmoid, jacobian_frobenius_sq
 from raeflow.models.ae import DenseAE
 from raeflow.models.base import reconstruction_loss
@@ -26,6 +27,10 @@ class ContractiveAE(DenseAE):
     Default: the paper's single hidden layer of 1000 sigmoid units. ``jacobian``: ``"closed_form"`` (only for
     one sigmoid layer), ``"autograd"`` (any encoder) or ``"auto"`` (closed form where it applies).
     """
+
+    #: the penalty makes codes insensitive to small input perturbations, so its reconstruction is a denoiser
+    #: (Rifai et al. 2011) even without an input corruption
+    capabilities = DenseAE.capabilities | {cap.DENOISE}
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 1000,
                  hidden: Sequence[int] = (), activation: str = "sigmoid", code_activation: str = "sigmoid",

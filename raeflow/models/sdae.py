@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raeflow.models import capabilities as cap
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.classifier import classification_terms
 from raeflow.registry import register_model
@@ -34,6 +35,8 @@ class StackedDAE(Autoencoder):
     the code is ``hidden[-1]``. ``corruption=None`` turns the denoising off (plain stacked autoencoders).
     """
 
+    #: its fine-tuning stage trains a softmax head on the codes, so it classifies as well as reconstructs
+    capabilities = Autoencoder.capabilities | {cap.CLASSIFY}
     selection_metric = "val_error"
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),

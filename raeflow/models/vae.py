@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from raeflow.models import capabilities as cap
 from raeflow.losses import (bernoulli_log_likelihood, gaussian_fixed_std_log_likelihood, gaussian_kl,
                             gaussian_log_density, log_mean_exp)
 from raeflow.models.base import Autoencoder, mlp
@@ -78,7 +79,7 @@ class VAE(Autoencoder):
     likelihood (``loss="mse"``: mean = sigmoid(decoder), ``"mse_linear"``: mean = decoder output).
     """
 
-    has_prior = True
+    capabilities = frozenset({cap.ENCODE, cap.RECONSTRUCT, cap.GENERATE, cap.POSTERIOR, cap.LIKELIHOOD})
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 20,
                  hidden: Sequence[int] = (400,), activation: str = "relu", loss: str = "bce",
