@@ -23,13 +23,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Rows/s of `raeflow embed` against a plain single-process loop, and its peak memory at two sizes."""
         from raeflow.bench.embed import bench_embed as run, markdown
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
 
         try:
             report = run(rows, memory_rows=memory_rows, model=model, workdir=workdir, batch_size=batch_size,
                          workers=workers, log=typer.echo)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
         typer.echo("\n" + markdown(report))
         if output:
             output.write_text(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Samples/s of ae 784-1000-500-250-30 on MNIST: plain PyTorch loop vs raeflow's Trainer vs Ray Train."""
         from raeflow.bench.train import run_bench
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
 
         try:
             if min(workers, default=1) < 1:
@@ -31,7 +31,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             report = run_bench(epochs=epochs, limit=limit, batch_size=batch_size, threads=threads,
                                workers=() if no_ray else tuple(workers), local=not no_local, log=typer.echo)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
         if output:
             output.write_text(json.dumps(report, indent=2))
             typer.echo(f"figures: {output}")

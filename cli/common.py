@@ -20,8 +20,6 @@ def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunC
         if value is None or value is False:
             continue
         path = where[name]
-        if path == ("variant",) and config is not None and value == "ae" and cfg.variant != "ae":
-            continue  # --variant's default must not override the file's variant
         node: Any = cfg
         for p in path[:-1]:
             node = getattr(node, p)

@@ -31,17 +31,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
         """Embed a corpus with a trained model into Parquet (id, embedding, label), on Ray Data."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.embed.job import run_embed
 
         if text_column and image_column:
-            _fail(ValueError("give --text-column or --image-column, not both"))
+            fail(ValueError("give --text-column or --image-column, not both"))
         try:
             run_embed(model, input, output, workers=workers, gpu=gpu, batch_size=batch_size, id_column=id_column,
                       text_column=text_column, image_column=image_column, resume=resume, address=address,
                       progress=not quiet, log=typer.echo)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
 
     @app.command("search")
     def search(
@@ -53,11 +53,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ):
         """The k nearest embeddings to a query, by cosine similarity (exact)."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.embed.search import format_hits, search as run_search
 
         try:
             result = run_search(embeddings, model, query, k)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
         typer.echo(json.dumps(result, indent=2) if as_json else format_hits(result))

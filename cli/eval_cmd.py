@@ -25,7 +25,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ):
         """Evaluate a trained model: prints and saves (JSON + Markdown) every task that applies."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.evaluate import evaluate, save_results, to_markdown
         from raeflow.io import model_dir
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             out = output or model_dir(model).parent / "eval"
             paths = save_results(res, out)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
         if as_json:
             typer.echo(json.dumps(res, indent=2))
         else:

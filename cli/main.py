@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-import raeflow
+from raeflow.version import __version__
+from raeflow.cli.errors import USER_ERRORS, fail
 
 app = typer.Typer(help="Train, run and serve the autoencoder family on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -14,7 +15,7 @@ app = typer.Typer(help="Train, run and serve the autoencoder family on Ray.", no
 
 def _version(value: bool):
     if value:
-        typer.echo(f"raeflow {raeflow.__version__}")
+        typer.echo(f"raeflow {__version__}")
         raise typer.Exit()
 
 
@@ -22,15 +23,6 @@ def _version(value: bool):
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
     pass
-
-
-def _fail(e: Exception) -> None:
-    """User errors (bad path, bad config, unknown name) end with one clear line and exit code 2."""
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError, NotImplementedError)
 
 
 @app.command()
@@ -45,7 +37,7 @@ def variants():
 @app.command()
 def datasets():
     """List the built-in datasets and how to use your own data."""
-    from raeflow.data.core import known_datasets
+    from raeflow.data.catalog import known_datasets
 
     for name, ds in sorted(known_datasets().items()):
         typer.echo(f"{name:<14} {ds.kind:<6} {ds.summary}")
@@ -55,7 +47,8 @@ def datasets():
 
 @app.command()
 def train(
-    variant: str = typer.Option("ae", "--variant", "-v", help="Variant name (see `raeflow variants`)."),
+    variant: Optional[str] = typer.Option(None, "--variant", "-v",
+                                          help="Variant name (see `raeflow variants`); default: the config's, else ae."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Built-in name, name:split or a path."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Data-parallel Ray Train workers."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
@@ -82,7 +75,7 @@ def train(
                                seed=seed, storage_path=storage_path, address=address)
         run_train(cfg, resume=resume, local=local)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
 
 
 # Each command family lives in its own module with a `register(app)`; `bench` is a group its modules extend.

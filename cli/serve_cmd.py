@@ -60,7 +60,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         stop: bool = typer.Option(False, "--stop", help="Stop a detached server (the one on --port if given)."),
     ):
         """Serve models over HTTP with Ray Serve: /healthz, /models, /docs and /{model}/{endpoint}."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.serve import run
 
         try:
@@ -82,4 +82,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             else:
                 run.serve_forever(spec, log=typer.echo)
         except (*USER_ERRORS, TimeoutError, RuntimeError) as e:
-            _fail(e)
+            fail(e)

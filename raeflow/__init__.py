@@ -1,9 +1,11 @@
 """raeflow: train, run and serve the autoencoder family on Ray.
 
-Importing ``raeflow`` (models, losses, data) never imports Ray; the Ray modules are ``raeflow.train.ray``,
-``raeflow.embed`` and ``raeflow.serve``.
+Importing ``raeflow`` (models, losses, data, the plain services) never imports Ray. Ray enters only through
+``raeflow.train.ray_engine`` (Ray Train), ``raeflow.embed.job`` / ``raeflow.embed.sources`` (Ray Data),
+``raeflow.serve.app`` / ``raeflow.serve.run`` (Ray Serve) and ``raeflow.raycluster`` (starting or joining Ray);
+``tests/test_architecture.py`` checks that every other module imports without it.
 """
-__version__ = "0.1.0"
+from raeflow.version import __version__  # noqa: F401
 
 from raeflow.registry import build_model, list_variants, register_model  # noqa: E402,F401
 

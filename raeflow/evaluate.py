@@ -1,8 +1,9 @@
 """``raeflow eval``: the literature's measures, computed on a held-out split with a saved model.
 
-Each task is a function ``(model, data, train, opts) -> dict`` registered in :data:`TASKS` together with a
-predicate saying whether it applies to a model; ``evaluate`` runs the ones asked for (default: all that apply)
-and returns one JSON-able dict. Everything here is plain PyTorch / scikit-learn (no Ray).
+Each task is a function ``(model, data, train, opts) -> dict`` registered in :data:`TASKS` with the capabilities
+it needs (``raeflow.models.capabilities``) and what it needs of the data (labels, images); ``evaluate`` runs the
+ones asked for (default: all that apply) and returns one JSON-able dict. Whether a task applies is decided by
+what the model declares, never by its variant name. Everything here is plain PyTorch / scikit-learn (no Ray).
 """
 from __future__ import annotations
 
@@ -16,17 +17,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from raeflow.artifact import TrainedModel
 from raeflow.data import ArrayDataset, known_datasets, load_eval_data, parse_spec
-from raeflow.io import load_model, model_dir, read_config, read_vectoriser
+from raeflow.models import capabilities as cap
 
 
 @torch.no_grad()
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, batch: int = 1000) -> np.ndarray:
     return np.concatenate([fn(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
-
-
-def _is_image(model) -> bool:
-    return len(model.input_shape) == 3
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -163,69 +161,78 @@ def retrieval(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict)
     extra = {"test": data} if data.split == "test" else {}  # reuse the split evaluate() has loaded
     if extra and train is not None and train.split == "train" and data.x.ndim > 2:
         extra["train"] = train
-    res = run_retrieval(opts["model_dir"], opts["dataset"], **extra)
-    res["plot"] = str(plot_retrieval(res, default_plot_path(opts["model_dir"], res)))
+    res = run_retrieval(opts["artifact"], opts["dataset"], **extra)
+    res["plot"] = str(plot_retrieval(res, default_plot_path(opts["artifact"].path, res)))
     res["table"] = format_table(res)
     return res
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
     fn: Callable[..., dict]
-    applies: Callable[[Any, ArrayDataset], bool]
-    needs_train: bool = False
+    needs: frozenset[str]  # capabilities the model must declare
+    labels: bool = False  # needs a labelled split
+    images: bool = False  # needs image inputs
+    needs_train: bool = False  # fits something on the training split (probes, Parzen's sigma)
+
+    def applies(self, capabilities: frozenset[str], is_image: bool, labelled: bool) -> bool:
+        return self.needs <= capabilities and (is_image or not self.images) and (labelled or not self.labels)
 
 
 TASKS: dict[str, Task] = {
-    "reconstruction": Task(reconstruction, lambda m, d: m.variant != "classifier"),
-    "probe": Task(probe, lambda m, d: d.y is not None and m.variant != "classifier", needs_train=True),
-    "classify": Task(classify, lambda m, d: d.y is not None and hasattr(m, "predict")),
-    "likelihood": Task(likelihood, lambda m, d: hasattr(m, "log_likelihood") and _is_image(m)),
-    "parzen": Task(parzen, lambda m, d: m.has_prior and _is_image(m), needs_train=True),
-    "denoise": Task(denoise, lambda m, d: _is_image(m) and m.variant != "classifier"
-                    and (getattr(m, "corruption", None) is not None or m.variant in ("dae", "cae", "sdae"))),
-    "retrieval": Task(retrieval, lambda m, d: d.y is not None and m.variant != "classifier"),
+    "reconstruction": Task(reconstruction, frozenset({cap.RECONSTRUCT})),
+    "probe": Task(probe, frozenset({cap.ENCODE}), labels=True, needs_train=True),
+    "classify": Task(classify, frozenset({cap.CLASSIFY}), labels=True),
+    "likelihood": Task(likelihood, frozenset({cap.LIKELIHOOD}), images=True),
+    "parzen": Task(parzen, frozenset({cap.GENERATE}), images=True, needs_train=True),
+    "denoise": Task(denoise, frozenset({cap.DENOISE}), images=True),
+    "retrieval": Task(retrieval, frozenset({cap.ENCODE}), labels=True),
 }
 
 
-def evaluate(model_path: str | Path, dataset: str | None = None, tasks: list[str] | None = None,
+def tasks_for(capabilities: frozenset[str], is_image: bool = True, labelled: bool = True) -> list[str]:
+    """The tasks that apply to a model with these capabilities (the README's table is generated from this)."""
+    return [n for n, t in TASKS.items() if t.applies(capabilities, is_image, labelled)]
+
+
+def evaluate(model_path: "str | Path | TrainedModel", dataset: str | None = None, tasks: list[str] | None = None,
              opts: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """Run ``tasks`` (default: every task that applies) on the test split of ``dataset`` (default: the
     dataset the model was trained on) and return the results, keyed by task."""
     opts = dict(opts or {})
-    cfg = read_config(model_path)
-    dataset = dataset or cfg["data"].get("name")
+    art = TrainedModel.load(model_path)
+    dataset = dataset or art.data.get("name")
     if not dataset:
         raise ValueError("the model's config.json names no dataset: pass --dataset")
     unknown = set(tasks or []) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
-    model = load_model(model_path)
-    vec = read_vectoriser(model_path)
-    if vec is not None:
-        from raeflow.data.text import Vectoriser
-
-        vec = Vectoriser.from_json(vec)
-    data = load_eval_data(dataset, vectoriser=vec)
-    if tuple(data.shape) != tuple(model.input_shape):
-        raise ValueError(f"{dataset} has examples of shape {data.shape}; the model takes {model.input_shape}")
-    chosen = tasks or [n for n, t in TASKS.items() if t.applies(model, data)]
+    model = art.model
+    data = load_eval_data(dataset, vectoriser=art.vectoriser)
+    if tuple(data.shape) != tuple(art.input.shape):
+        raise ValueError(f"{dataset} has examples of shape {data.shape}; the model takes {list(art.input.shape)}")
+    is_image, labelled = art.input.is_image, data.y is not None
+    chosen = tasks or tasks_for(art.capabilities, is_image, labelled)
+    for name in chosen:
+        if not TASKS[name].applies(art.capabilities, is_image, labelled):
+            t = TASKS[name]
+            raise ValueError(f"task {name!r} does not apply to this {art.variant} model on {dataset}: it needs "
+                             f"capabilities {sorted(t.needs)} (the model declares {sorted(art.capabilities)})"
+                             + (", labelled data" if t.labels else "") + (", image inputs" if t.images else ""))
     train = None
     if any(TASKS[n].needs_train for n in chosen):
         # Probes and Parzen's sigma are fitted on the training split, preprocessed by the model's own
         # vectoriser (never refitted); user data has no split, so it serves as its own.
         name, _ = parse_spec(dataset)
-        train = load_eval_data(f"{name}:train", vectoriser=vec) if name in known_datasets() else data
-    opts.update(model_dir=str(model_dir(model_path)), dataset=dataset)
-    results: dict[str, Any] = {"model": str(model_dir(model_path)), "variant": model.variant, "dataset": dataset,
+        train = load_eval_data(f"{name}:train", vectoriser=art.vectoriser) if name in known_datasets() else data
+    opts.update(artifact=art, dataset=dataset)
+    results: dict[str, Any] = {"model": str(art.path), "variant": art.variant, "dataset": dataset,
                                "split": data.split, "tasks": {}}
     for name in chosen:
-        task = TASKS[name]
-        if not task.applies(model, data):
-            raise ValueError(f"task {name!r} does not apply to a {model.variant} model on {dataset}")
         t0 = time.perf_counter()
         log(f"eval {name} ...")
-        results["tasks"][name] = {**task.fn(model, data, train, opts), "seconds": round(time.perf_counter() - t0, 1)}
+        results["tasks"][name] = {**TASKS[name].fn(model, data, train, opts),
+                                  "seconds": round(time.perf_counter() - t0, 1)}
     return results
 
 

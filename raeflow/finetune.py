@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_eval_data, validation_size
-from raeflow.io import load_model, model_dir, model_sha256, read_config, read_vectoriser
+from raeflow.artifact import TrainedModel
+from raeflow.models import capabilities as cap
 from raeflow.models.classifier import Classifier
 from raeflow.registry import get_variant
 from raeflow.train.run import TrainResult, train
@@ -47,17 +48,12 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
     ``sets`` are ``section.key=value`` overrides of the run config (``train.weight_decay=1e-4``,
     ``train.stage_epochs.finetune=30``, ``data.val_size=5000``...); the explicit arguments win over them.
     """
-    src = model_dir(model)
-    saved = read_config(src)
-    info = get_variant(saved["variant"])
-    if info.kind != "autoencoder":
-        raise ValueError(f"{src} holds a {saved['variant']!r} ({info.kind}), not an autoencoder to fine-tune")
-    vec_json = read_vectoriser(src)
-    vectoriser = None
-    if vec_json is not None:
-        from raeflow.data.text import Vectoriser
-
-        vectoriser = Vectoriser.from_json(vec_json)
+    art = TrainedModel.load(model)
+    src = art.path
+    info = get_variant(art.variant)
+    if info.kind != "autoencoder" or cap.ENCODE not in art.capabilities:
+        raise ValueError(f"{src} holds a {art.variant!r} ({info.kind}), not an autoencoder to fine-tune")
+    vectoriser = art.vectoriser
 
     cfg = RunConfig().override(list(sets))
     cfg.data.dataset = dataset
@@ -67,16 +63,15 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
             setattr(getattr(cfg, section), key, value)
     if vectoriser is not None:  # run.yaml records the vectoriser the data went through
         cfg.data.vocab_size, cfg.data.weighting = vectoriser.vocab_size, vectoriser.weighting
-    cfg.output = str(output) if output else str(Path("runs") / f"{saved['variant']}-finetune-"
+    cfg.output = str(output) if output else str(Path("runs") / f"{art.variant}-finetune-"
                                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
 
     data = labelled_data(dataset, vectoriser, cfg.data.val_size)
     classes = data.train.classes
     num_classes = len(classes) if classes else int(data.train.y.max()) + 1
-    base = load_model(src)
-    clf = Classifier.from_autoencoder(base, num_classes, head_hidden, input_shape=data.train.shape,
-                                      pretrained={"path": str(src), "variant": saved["variant"],
-                                                  "sha256": model_sha256(src)}, dropout=dropout)
-    log(f"fine-tuning the {saved['variant']} encoder of {src} as a {num_classes}-class classifier "
+    clf = Classifier.from_autoencoder(art.model, num_classes, head_hidden, input_shape=data.train.shape,
+                                      pretrained={"path": str(src), "variant": art.variant,
+                                                  "sha256": art.sha256}, dropout=dropout)
+    log(f"fine-tuning the {art.variant} encoder of {src} as a {num_classes}-class classifier "
         f"({clf.feature_dim} features{f', head {head_hidden}' if head_hidden else ''})")
     return train(cfg, local=local, log=log, model=clf, data=data)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import raeflow
+from raeflow.version import __version__
 from raeflow.registry import build_model
 
 CONFIG = "config.json"
@@ -46,8 +46,14 @@ def save_model(model: nn.Module, directory: str | os.PathLike, data: dict[str, A
     """Write ``directory/{config.json, model.safetensors[, vectoriser.json]}`` atomically per file."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"variant": model.variant, "raeflow_version": raeflow.__version__, "model": model.config,
-           "data": data or {}, **(extra or {})}
+    from raeflow.models.capabilities import capabilities_of
+
+    # latent_dim / bounded / capabilities are derived facts, recorded so that readers of an embeddings directory
+    # or a model card need not build the model; loading always rebuilds from "model" (the constructor args).
+    cfg = {"variant": model.variant, "raeflow_version": __version__, "model": model.config,
+           "data": data or {}, "latent_dim": int(getattr(model, "latent_dim", 0)) or None,
+           "bounded": bool(getattr(model, "bounded", True)),
+           "capabilities": sorted(capabilities_of(model)), **(extra or {})}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(_state_for_saving(model), str(tmp), metadata={"variant": model.variant})
     os.replace(tmp, d / WEIGHTS)

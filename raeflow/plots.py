@@ -1,4 +1,8 @@
-"""The run's PNG plots: loss curve, reconstruction grid, 2-D latent scatter, decoded latent grid."""
+"""The run's PNG plots: loss curve, reconstruction grid, samples, 2-D latent scatter, decoded latent grid.
+
+Which plots a run gets is decided by the model's declared capabilities (:data:`PLOTS`), never by its variant, and
+every plot draws as many examples as exist (a 6-image dataset gets 6 columns, not a crash).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +14,9 @@ matplotlib.use("Agg")  # files only: runs on headless machines and inside Ray wo
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from raeflow.models import capabilities as cap  # noqa: E402
+from raeflow.models.capabilities import capabilities_of  # noqa: E402
 
 
 def _is_image(shape) -> bool:
@@ -46,17 +53,21 @@ def loss_curve(rows: list[dict], path: Path) -> None:
 
 @torch.no_grad()
 def reconstruction_grid(model, x: np.ndarray, path: Path, n: int = 10) -> None:
-    """Rows: input, corrupted input (when the model trains on corrupted inputs), reconstruction."""
+    """Rows: input, then for denoisers a corrupted input and its denoising, else the reconstruction."""
     xs = torch.from_numpy(x[:n])
+    n = len(xs)
     rows = [("input", xs)]
-    if getattr(model, "corruption", None) is not None:
-        g = torch.Generator().manual_seed(0)
-        noisy = model.corruption(xs, generator=g)
+    if cap.DENOISE in capabilities_of(model):
+        from raeflow.models.corruption import Corruption
+
+        # The model's own training corruption when it has one; robust models (contractive) get masking noise.
+        corruption = getattr(model, "corruption", None) or Corruption("masking", 0.25)
+        noisy = corruption(xs, generator=torch.Generator().manual_seed(0))
         rows.append(("noisy", noisy))
         rows.append(("denoised", model.denoise(noisy)))
     else:
         rows.append(("output", model.reconstruct(xs)))
-    fig, axes = plt.subplots(len(rows), n, figsize=(n, len(rows) + 0.3))
+    fig, axes = plt.subplots(len(rows), n, figsize=(max(n, 2), len(rows) + 0.3), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(n):
             _show(axes[r, c], imgs[c].reshape(model.input_shape).numpy())
@@ -105,6 +116,44 @@ def latent_grid(model, path: Path, n: int = 15, span: float = 3.0) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
+def sample_grid(model, path: Path, n: int = 16, seed: int = 0) -> None:
+    """``n`` samples from the model's prior (seeded), tiled."""
+    imgs = model.sample(n, generator=torch.Generator().manual_seed(seed)).reshape(n, *model.input_shape).numpy()
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        if i < n:
+            _show(ax, imgs[i])
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _image(model, caps) -> bool:
+    return _is_image(model.input_shape)
+
+
+#: file -> (capabilities the model must declare, a further condition, how to draw it from (model, sample, path))
+PLOTS: dict[str, tuple[frozenset[str], Callable, Callable]] = {
+    "reconstructions.png": (frozenset({cap.RECONSTRUCT}), _image,
+                            lambda m, s, p: reconstruction_grid(m, s.x, p)),
+    "samples.png": (frozenset({cap.GENERATE}), _image, lambda m, s, p: sample_grid(m, p)),
+    "latent_grid.png": (frozenset({cap.GENERATE, cap.RECONSTRUCT}),
+                        lambda m, c: _image(m, c) and m.latent_dim == 2, lambda m, s, p: latent_grid(m, p)),
+    "latent.png": (frozenset({cap.ENCODE}), lambda m, c: True, lambda m, s, p: latent_scatter(m, s.x, s.y, p)),
+}
+
+
+def plots_for(model) -> list[str]:
+    """The plot files a model gets, from its declared capabilities."""
+    caps = capabilities_of(model)
+    return [name for name, (needs, cond, _) in PLOTS.items() if needs <= caps and cond(model, caps)]
+
+
 def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]:
     """Every plot that applies to ``model`` and ``data``, into ``run.plots``."""
     run.plots.mkdir(exist_ok=True)
@@ -113,15 +162,10 @@ def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]
     if rows:
         loss_curve(rows, run.plots / "loss.png")
         made.append(run.plots / "loss.png")
-    sample = data.val if data.val is not None else data.train
+    sample = data.val if data.val is not None and len(data.val) else data.train
     model.eval()
-    if _is_image(model.input_shape) and hasattr(model, "reconstruct"):  # classifiers do not reconstruct
-        reconstruction_grid(model, sample.x, run.plots / "reconstructions.png")
-        made.append(run.plots / "reconstructions.png")
-        if model.has_prior and model.latent_dim == 2:
-            latent_grid(model, run.plots / "latent_grid.png")
-            made.append(run.plots / "latent_grid.png")
-    latent_scatter(model, sample.x, sample.y, run.plots / "latent.png")
-    made.append(run.plots / "latent.png")
+    for name in plots_for(model):
+        PLOTS[name][2](model, sample, run.plots / name)
+        made.append(run.plots / name)
     log(f"plots: {', '.join(p.name for p in made)}")
     return made

@@ -66,6 +66,12 @@ def register_model(name: str, summary: str = "", kind: str = "autoencoder") -> C
     return wrap
 
 
+def unregister_model(name: str) -> None:
+    """Forget variant ``name`` (a test that registered a variant of its own removes it again, so it never leaks
+    into other tests' ``list_variants()`` parametrisation)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_builtin_variants() -> None:
     """Import every module in ``raeflow.models`` so each variant file registers itself."""
     global _LOADED

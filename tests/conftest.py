@@ -85,15 +85,15 @@ def serve_index(serve_models, tmp_path_factory) -> str:
     with the embed job's own PartWriter from Encoder output, as `raeflow embed` writes it (no Ray needed)."""
     from raeflow.data.images import load_digits
     from raeflow.embed.encoder import Encoder
-    from raeflow.embed.job import PartWriter, _metadata, errors_schema, output_schema
+    from raeflow.embed.output import PartWriter, errors_schema, metadata, output_schema, rows_per_file
     from raeflow.io import model_dir, read_config
 
     raw = load_digits("test")
     enc = Encoder(serve_models["dae"])
     md = model_dir(serve_models["dae"])
-    meta = _metadata(md, read_config(md), "digits:test")
+    meta = metadata(enc.artifact, "digits:test")
     out = tmp_path_factory.mktemp("serve-index") / "digits"
-    w = PartWriter(out, output_schema(enc.latent_dim, enc.has_logvar, meta), errors_schema(meta), rows_per_file=128)
+    w = PartWriter(out, output_schema(enc, meta), errors_schema(meta), rows_per_file=128)
     w.add(enc({"id": [f"digits:test:{i}" for i in range(len(raw.x))],
                "label": [raw.classes[int(v)] for v in raw.y], "x": raw.x}))
     w.close()

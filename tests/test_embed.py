@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 
 from raeflow.data.user import decode_image
-from raeflow.embed import job as jobmod
+from raeflow.embed import output as jobmod
 from raeflow.embed.encoder import Encoder
-from raeflow.embed.job import ERRORS_DIR, META_KEYS, PartWriter, errors_schema, output_schema, run_embed
-from raeflow.embed.sources import Prep, array_images, decode_image_files, read_jsonl, read_text_files
+from raeflow.embed.encoder import embedding_schema
+from raeflow.embed.job import run_embed
+from raeflow.embed.output import ERRORS_DIR, META_KEYS, PartWriter, errors_schema
+from raeflow.embed.readers import Prep, array_images, decode_image_files, read_jsonl, read_text_files
 from raeflow.io import model_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ def test_sources_turn_bad_inputs_into_error_rows(image_folder, text_folder, tmp_
 
 def test_part_writer_commits_whole_files_and_errors_after_rows(tmp_path):
     meta = {"raeflow.input": "x"}
-    w = PartWriter(tmp_path, output_schema(3, False, meta), errors_schema(meta), rows_per_file=4)
+    w = PartWriter(tmp_path, embedding_schema(3, frozenset({"encode"}), error=False, metadata=meta), errors_schema(meta), rows_per_file=4)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(30, dtype=np.float32)), 3)
     err = [None] * 10
     err[2] = "bad"

@@ -60,8 +60,8 @@ def test_service_describes_capabilities(vae, dae):
     assert vae.endpoints == ["encode", "reconstruct", "generate", "interpolate", "grid"]
     assert dae.endpoints == ["encode", "reconstruct", "denoise"]
     d = dae.describe()
-    assert (d["variant"], d["input_shape"], d["latent_dim"], d["denoiser"], d["generator"]) == \
-        ("dae", [1, 8, 8], 24, True, False)
+    assert (d["variant"], d["input_shape"], d["latent_dim"], d["capabilities"]) == \
+        ("dae", [1, 8, 8], 24, ["denoise", "encode", "reconstruct"])
     assert vae.describe()["latent_dim"] == 2
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from raeflow.data.core import (ArrayDataset, RawSplit, known_datasets, parse_spec, register_dataset,  # noqa: F401
-                               validation_size)
+from raeflow.data.catalog import known_datasets, parse_spec  # noqa: F401
+from raeflow.data.core import ArrayDataset, RawSplit, register_dataset, validation_size  # noqa: F401
 
 
 @dataclass

@@ -12,10 +12,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-#: name -> loader(split) returning a RawSplit; built-in corpora register themselves in their own modules.
-_BUILTIN: dict[str, "BuiltinDataset"] = {}
-
-
 @dataclass
 class RawSplit:
     """One split as its source gives it: images as arrays, or documents as strings (vectorised later)."""
@@ -36,8 +32,12 @@ class BuiltinDataset:
 
 
 def register_dataset(name: str, kind: str, summary: str, splits: tuple[str, ...] = ("train", "test")):
+    """Marks a loader ``split -> RawSplit`` as a built-in corpus (``fn.builtin``); :mod:`raeflow.data.catalog`
+    collects the marked loaders of the corpus modules it lists. No global table here: what is known never
+    depends on which modules happened to be imported."""
+
     def wrap(fn: Callable[[str], RawSplit]):
-        _BUILTIN[name] = BuiltinDataset(name, kind, summary, fn, splits)
+        fn.builtin = BuiltinDataset(name, kind, summary, fn, splits)  # type: ignore[attr-defined]
         return fn
 
     return wrap
@@ -82,24 +82,6 @@ class ArrayDataset:
         """What the model's config.json records of its data."""
         return {"name": self.name, "kind": self.kind, "input_shape": list(self.shape), "classes": self.classes,
                 "preprocessing": self.preprocessing}
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``"mnist:test"`` -> ``("mnist", "test")``; a path or bare name -> ``(spec, None)``."""
-    if ":" in spec and spec.split(":", 1)[0] in _BUILTIN:
-        name, split = spec.split(":", 1)
-        return name, split
-    return spec, None
-
-
-def known_datasets() -> dict[str, BuiltinDataset]:
-    _load_builtins()
-    return dict(_BUILTIN)
-
-
-def _load_builtins() -> None:
-    # Importing the modules registers their corpora (kept lazy so `import raeflow.data` stays cheap).
-    from raeflow.data import images, text  # noqa: F401
 
 
 def validation_size(n_train: int, requested: int | float | None) -> int:

@@ -11,9 +11,11 @@ A batch is a ``pyarrow.Table`` or a dict of numpy / pyarrow columns (Ray's batch
   in [0, 1] or uint8 (divided by 255, as the data layer does) — or ``text`` for documents, vectorised with the
   vectoriser saved beside the model.
 
-It returns a ``pyarrow.Table``: ``id``, ``embedding`` (``fixed_size_list<float32>[latent]``), ``label``,
-``logvar`` for models with ``encode_stats`` (VAE), and ``error``. Rows that arrive with an error pass through
-with null embeddings, so a bad input is carried to the errors table instead of being dropped.
+It returns a ``pyarrow.Table``: ``id``, ``label``, one column per declared capability (:data:`CODE_COLUMNS`:
+``embedding`` (``fixed_size_list<float32>[latent]``) for every encoder, ``logvar`` for a Gaussian posterior,
+``codes`` (``fixed_size_list<int32>[grid]``) for discrete codes) and ``error``. Rows that arrive with an error
+pass through with null embeddings, so a bad input is carried to the errors table instead of being dropped.
+:func:`embedding_schema` is the one definition of those columns; the job's Parquet files use it too.
 """
 from __future__ import annotations
 
@@ -25,10 +27,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from raeflow.io import load_model, model_dir, read_config, read_vectoriser
+from raeflow.artifact import TrainedModel
+from raeflow.models import capabilities as cap
 
 #: Batch columns this module reads and writes.
-ID, LABEL, ERROR, X, TEXT, EMBEDDING, LOGVAR = "id", "label", "error", "x", "text", "embedding", "logvar"
+ID, LABEL, ERROR, X, TEXT, EMBEDDING, LOGVAR, CODES = "id", "label", "error", "x", "text", "embedding", "logvar", "codes"
+
+#: capability -> the column it adds to the embeddings, in schema order
+CODE_COLUMNS: tuple[tuple[str, str], ...] = ((cap.ENCODE, EMBEDDING), (cap.POSTERIOR, LOGVAR),
+                                             (cap.DISCRETE_CODES, CODES))
+
+
+def embedding_schema(latent_dim: int, capabilities: frozenset[str], code_len: int | None = None,
+                     error: bool = True, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The columns of the embeddings: ``id``, the capabilities' columns, ``label`` (and ``error`` while rows are
+    in flight; the job splits errors off into their own table before writing)."""
+    types = {EMBEDDING: vector_type(latent_dim), LOGVAR: vector_type(latent_dim),
+             CODES: pa.list_(pa.int32(), int(code_len or 0))}
+    fields = [pa.field(ID, pa.string(), nullable=not metadata)]
+    fields += [pa.field(col, types[col]) for c, col in CODE_COLUMNS if c in capabilities]
+    fields.append(pa.field(LABEL, pa.string()))
+    if error:
+        fields.append(pa.field(ERROR, pa.string()))
+    return pa.schema(fields, metadata=metadata)
 
 
 def vector_type(dim: int) -> pa.DataType:
@@ -42,14 +63,6 @@ def to_vectors(a: np.ndarray, mask: np.ndarray | None = None) -> pa.FixedSizeLis
     n, k = a.shape
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), k,
                                              mask=None if mask is None else pa.array(mask, pa.bool_()))
-
-
-def image_mode(input_shape: Sequence[int]) -> str:
-    """The Pillow mode a model's images must be converted to: its channel count decides."""
-    c = int(input_shape[0])
-    if c not in (1, 3):
-        raise ValueError(f"image models take 1 or 3 channels; this one takes input_shape {list(input_shape)}")
-    return "L" if c == 1 else "RGB"
 
 
 def _column(batch: Any, name: str) -> Any:
@@ -92,72 +105,82 @@ def dense_rows(col: Any, dim: int) -> np.ndarray:
 
 
 class Encoder:
-    """A saved model, loaded once, mapping batches to embeddings (see the module docstring for the columns).
+    """A trained model mapping batches to embeddings (see the module docstring for the columns).
 
-    ``device``: ``"cpu"``, ``"cuda"``...; ``threads``: torch intra-op threads for CPU (None: leave torch's
-    default), set here because every Ray actor is a fresh process; ``chunk``: rows per forward pass, bounding
-    activation memory when Ray hands over a large batch.
+    ``model``: a :class:`~raeflow.artifact.TrainedModel` or a path to one; ``device``: ``"cpu"``, ``"cuda"``...;
+    ``threads``: torch intra-op threads for CPU (None: leave torch's default), set here because every Ray actor
+    is a fresh process; ``chunk``: rows per forward pass, bounding activation memory when Ray hands over a large
+    batch.
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+    def __init__(self, model: "str | os.PathLike | TrainedModel", device: str = "cpu", threads: int | None = None,
                  chunk: int = 4096):
         if threads:
             torch.set_num_threads(int(threads))
-        self.model_dir = model_dir(model)
-        self.config = read_config(self.model_dir)
-        self.device = torch.device(device)
-        self.model = load_model(self.model_dir, device=self.device)
-        self.variant: str = self.config["variant"]
-        data = self.config.get("data") or {}
-        self.input_shape: tuple[int, ...] = tuple(int(s) for s in (data.get("input_shape") or self.model.input_shape))
-        self.kind: str = data.get("kind") or ("text" if len(self.input_shape) == 1 else "image")
-        self.latent_dim = int(self.model.latent_dim)
-        self.has_logvar = callable(getattr(self.model, "encode_stats", None))
+        self.artifact = TrainedModel.load(model, device)
+        self.model = self.artifact.model
+        self.device = self.artifact.device
+        self.capabilities = self.artifact.capabilities
+        if cap.ENCODE not in self.capabilities:
+            raise ValueError(f"a {self.artifact.variant} model has no encoder (capabilities "
+                             f"{sorted(self.capabilities)}): there is nothing to embed with it")
+        self.input_shape: tuple[int, ...] = self.artifact.input.shape
+        self.kind: str = self.artifact.input.kind
+        self.latent_dim = self.artifact.latent_dim
+        self.code_len: int | None = None
+        if cap.DISCRETE_CODES in self.capabilities:  # the code grid's size, measured rather than configured
+            with torch.no_grad():
+                probe = self.model.encode_indices(torch.zeros(1, *self.input_shape, device=self.device))
+            self.code_len = int(probe[0].numel())
         self.chunk = int(chunk)
-        self.vectoriser = None
-        if self.kind == "text":
-            from raeflow.data.text import Vectoriser
-
-            saved = read_vectoriser(self.model_dir)
-            if saved is None:
-                raise FileNotFoundError(f"{self.model_dir} is a document model but has no vectoriser.json (it is "
-                                        "saved at training time); cannot turn text into the model's input")
-            self.vectoriser = Vectoriser.from_json(saved)
+        self.vectoriser = self.artifact.vectoriser
 
     # ------------------------------------------------------------------------------------------ numpy API
     @property
     def input_dim(self) -> int:
         return int(np.prod(self.input_shape))
 
+    @property
+    def has_logvar(self) -> bool:
+        return cap.POSTERIOR in self.capabilities
+
     def schema(self) -> pa.Schema:
         """Output columns (the job's error column is split off before writing)."""
-        fields = [pa.field(ID, pa.string()), pa.field(EMBEDDING, vector_type(self.latent_dim)),
-                  pa.field(LABEL, pa.string())]
-        if self.has_logvar:
-            fields.append(pa.field(LOGVAR, vector_type(self.latent_dim)))
-        return pa.schema(fields + [pa.field(ERROR, pa.string())])
+        return embedding_schema(self.latent_dim, self.capabilities, self.code_len)
 
     @torch.no_grad()
     def encode_array(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(N, *input_shape)`` or ``(N, D)`` float32 -> ``(mu, logvar)``, each ``(N, latent)`` (logvar None
-        unless the model has ``encode_stats``). The code is the posterior mean for probabilistic encoders."""
+        unless the model declares a posterior). The code is the posterior mean for probabilistic encoders."""
+        cols = self.encode_columns(x)
+        return cols[EMBEDDING], cols.get(LOGVAR)
+
+    @torch.no_grad()
+    def encode_columns(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``(N, *input_shape)`` float32 -> every code column the model's capabilities give, each ``(N, ...)``."""
         x = np.asarray(x, np.float32)
         if x.ndim == 0 or x.size != len(x) * self.input_dim:
             raise ValueError(f"expected inputs of shape {self.input_shape} ({self.input_dim} values per row), "
                              f"got an array of shape {x.shape}")
         n = len(x)
-        mu = np.empty((n, self.latent_dim), np.float32)
-        logvar = np.empty((n, self.latent_dim), np.float32) if self.has_logvar else None
+        out = {EMBEDDING: np.empty((n, self.latent_dim), np.float32)}
+        if self.has_logvar:
+            out[LOGVAR] = np.empty((n, self.latent_dim), np.float32)
+        if self.code_len is not None:
+            out[CODES] = np.empty((n, self.code_len), np.int32)
         for s in range(0, n, self.chunk):
             xb = torch.from_numpy(np.ascontiguousarray(x[s:s + self.chunk])).reshape(-1, *self.input_shape)
             xb = xb.to(self.device, non_blocking=True)
+            rows = slice(s, s + len(xb))
             if self.has_logvar:
-                m, lv = self.model.encode_stats(xb)
-                logvar[s:s + len(xb)] = lv.float().cpu().numpy()
+                m, lv = self.model.encode_stats(xb)  # (B, latent) each
+                out[LOGVAR][rows] = lv.float().cpu().numpy()
             else:
-                m = self.model.encode(xb)
-            mu[s:s + len(xb)] = m.float().cpu().numpy()
-        return mu, logvar
+                m = self.model.encode(xb)  # (B, latent)
+            out[EMBEDDING][rows] = m.float().cpu().numpy()
+            if self.code_len is not None:
+                out[CODES][rows] = self.model.encode_indices(xb).reshape(len(xb), -1).cpu().numpy()
+        return out
 
     def vectorise(self, docs: Sequence[str]) -> np.ndarray:
         if self.vectoriser is None:
@@ -176,20 +199,23 @@ class Encoder:
         errors = _strings(_column(batch, ERROR), n)
         ok = np.asarray(errors.is_null().to_numpy(zero_copy_only=False), bool)
         good = np.flatnonzero(ok)
-        mu = np.zeros((n, self.latent_dim), np.float32)
-        logvar = np.zeros((n, self.latent_dim), np.float32) if self.has_logvar else None
-        if len(good):
-            m, lv = self._encode_rows(batch, good, n)
-            mu[good] = m
-            if logvar is not None:
-                logvar[good] = lv
-        cols = {ID: ids, EMBEDDING: to_vectors(mu, ~ok), LABEL: labels}
-        if logvar is not None:
-            cols[LOGVAR] = to_vectors(logvar, ~ok)
+        schema = self.schema()
+        cols: dict[str, Any] = {ID: ids}
+        encoded = self._encode_rows(batch, good, n) if len(good) else {}
+        for name in schema.names:
+            if name in (ID, LABEL, ERROR):
+                continue
+            width = schema.field(name).type.list_size
+            full = np.zeros((n, width), np.int32 if name == CODES else np.float32)
+            if name in encoded:
+                full[good] = encoded[name]
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width,
+                                                           mask=pa.array(~ok, pa.bool_()))
+        cols[LABEL] = labels
         cols[ERROR] = errors
-        return pa.table(cols, schema=self.schema())
+        return pa.table(cols, schema=schema)
 
-    def _encode_rows(self, batch: Any, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode_rows(self, batch: Any, rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
         take = None if len(rows) == n else pa.array(rows)
         if self.kind == "text":
             col = _column(batch, TEXT)
@@ -197,7 +223,7 @@ class Encoder:
                 raise ValueError("this document model needs a 'text' column in the batch")
             docs = _strings(col, n)
             docs = docs if take is None else docs.take(take)
-            return self.encode_texts(docs.to_pylist())
+            return self.encode_columns(self.vectorise(docs.to_pylist()))
         col = _column(batch, X)
         if col is None:
             raise ValueError("this image model needs an 'x' column (the decoded image) in the batch")
@@ -207,7 +233,7 @@ class Encoder:
             a = np.asarray(col)
             a = a if take is None else a[rows]
             x = dense_rows(a.reshape(len(a), -1) if a.dtype != object else a, self.input_dim)
-        return self.encode_array(x)
+        return self.encode_columns(x)
 
 
 def _num_rows(batch: Any) -> int:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from raeflow.artifact import TrainedModel
 from raeflow.embed.search import MAX_BLOCK, normalise, top_k
 
 #: Recall levels of the precision-recall curve (the paper's Fig. 4 spans 0.001 to 1 on a log axis).
@@ -67,21 +68,18 @@ def precision_at_k(codes: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     return float((labels[idx] == labels[:, None]).mean())
 
 
-def _encode(model_dir: str | os.PathLike, x: np.ndarray) -> tuple[np.ndarray, Any]:
+def _encode(art: TrainedModel, x: np.ndarray) -> np.ndarray:
     from raeflow.embed.encoder import Encoder
 
-    enc = Encoder(model_dir)
-    return enc.encode_array(x)[0], enc
+    return Encoder(art).encode_array(x)[0]
 
 
-def _model_info(model_dir: str | os.PathLike, enc: Any) -> dict[str, Any]:
-    from raeflow.io import model_sha256
-
-    return {"dir": str(enc.model_dir), "variant": enc.variant, "latent_dim": enc.latent_dim,
-            "model_sha256": model_sha256(model_dir)}
+def _model_info(art: TrainedModel) -> dict[str, Any]:
+    return {"dir": str(art.path), "variant": art.variant, "latent_dim": art.latent_dim,
+            "model_sha256": art.sha256}
 
 
-def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroups", *,
+def document_retrieval(model: "str | os.PathLike | TrainedModel", dataset: str = "20newsgroups", *,
                        levels: Sequence[float] = RECALL_LEVELS, lsa_dim: int | None = None, baselines: bool = True,
                        test: Any = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Precision at recall levels for the model's codes vs LSA on the test split of ``dataset``.
@@ -89,30 +87,29 @@ def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroup
     from sklearn.decomposition import TruncatedSVD
 
     from raeflow.data import load_eval_data
-    from raeflow.data.core import known_datasets, parse_spec
+    from raeflow.data.catalog import known_datasets, parse_spec
     from raeflow.data.text import Vectoriser
-    from raeflow.io import read_vectoriser
 
+    art = TrainedModel.load(model)
     name, split = parse_spec(dataset)
     split = split or "test"
     ds = known_datasets().get(name)
     if ds is None or ds.kind != "text":
         raise ValueError(f"document retrieval needs a built-in document dataset (20newsgroups, reuters-r8, "
                          f"reuters-r52), got {dataset!r}")
-    saved = read_vectoriser(model_dir)
-    if saved is None:
-        raise ValueError(f"{model_dir} has no vectoriser.json: it is not a document model")
-    vec = Vectoriser.from_json(saved)
+    vec = art.vectoriser
+    if vec is None:
+        raise ValueError(f"{art.path} has no vectoriser.json: it is not a document model")
     t0 = time.perf_counter()
     test = test if test is not None else load_eval_data(f"{name}:{split}", vec)
     if test.y is None:
         raise ValueError(f"{name}:{split} has no labels: retrieval precision needs classes")
-    codes, enc = _encode(model_dir, test.x)
-    dim = lsa_dim or enc.latent_dim
+    codes = _encode(art, test.x)
+    dim = lsa_dim or art.latent_dim
     methods: dict[str, dict[str, Any]] = {}
     p, used = precision_at_recall(codes, test.y, levels)
-    methods[enc.variant] = {"dim": enc.latent_dim, "precision": p.tolist(), "what": "the model's codes"}
-    log(f"{enc.variant}: {used} queries, {time.perf_counter() - t0:.1f}s")
+    methods[art.variant] = {"dim": art.latent_dim, "precision": p.tolist(), "what": "the model's codes"}
+    log(f"{art.variant}: {used} queries, {time.perf_counter() - t0:.1f}s")
     if baselines:
         train_docs = ds.load("train").x
         tfidf = Vectoriser(vocab_size=vec.vocab_size, weighting="tfidf").fit(train_docs)
@@ -126,11 +123,11 @@ def document_retrieval(model_dir: str | os.PathLike, dataset: str = "20newsgroup
                             "what": f"the model's input vectors ({vec.weighting} weighting)"}
         log(f"baselines done, {time.perf_counter() - t0:.1f}s")
     return {"task": "retrieval", "kind": "documents", "dataset": f"{name}:{split}", "queries": used,
-            "items": len(test), "similarity": "cosine", "levels": list(levels), "model": _model_info(model_dir, enc),
+            "items": len(test), "similarity": "cosine", "levels": list(levels), "model": _model_info(art),
             "methods": methods, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: int = 10, pca_dim: int | None = None,
+def image_retrieval(model: "str | os.PathLike | TrainedModel", dataset: str = "mnist", *, k: int = 10, pca_dim: int | None = None,
                     baselines: bool = True, test: Any = None, train: Any = None,
                     log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """precision@k of same-label neighbours in code space vs pixel space vs PCA on the test split.
@@ -138,8 +135,9 @@ def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: 
     from sklearn.decomposition import PCA
 
     from raeflow.data import load_eval_data
-    from raeflow.data.core import known_datasets, parse_spec
+    from raeflow.data.catalog import known_datasets, parse_spec
 
+    art = TrainedModel.load(model)
     name, split = parse_spec(dataset)
     split = split or "test"
     ds = known_datasets().get(name)
@@ -150,9 +148,9 @@ def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: 
     test = test if test is not None else load_eval_data(f"{name}:{split}")
     if test.y is None:
         raise ValueError(f"{name}:{split} has no labels")
-    codes, enc = _encode(model_dir, test.x)
-    dim = pca_dim or enc.latent_dim
-    methods = {enc.variant: {"dim": enc.latent_dim, "precision_at_k": precision_at_k(codes, test.y, k),
+    codes = _encode(art, test.x)
+    dim = pca_dim or art.latent_dim
+    methods = {art.variant: {"dim": art.latent_dim, "precision_at_k": precision_at_k(codes, test.y, k),
                              "what": "the model's codes"}}
     if baselines:
         pixels = test.x.reshape(len(test), -1)
@@ -164,20 +162,20 @@ def image_retrieval(model_dir: str | os.PathLike, dataset: str = "mnist", *, k: 
                           "what": f"PCA({dim}) fitted on {name}:train ({len(train):,} images)"}
     log(f"image retrieval done, {time.perf_counter() - t0:.1f}s")
     return {"task": "retrieval", "kind": "images", "dataset": f"{name}:{split}", "queries": len(test), "k": k,
-            "similarity": "cosine", "model": _model_info(model_dir, enc), "methods": methods,
+            "similarity": "cosine", "model": _model_info(art), "methods": methods,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def retrieval(model_dir: str | os.PathLike, dataset: str, **kwargs: Any) -> dict[str, Any]:
+def retrieval(model: "str | os.PathLike | TrainedModel", dataset: str, **kwargs: Any) -> dict[str, Any]:
     """Document or image retrieval, by the dataset's kind."""
-    from raeflow.data.core import known_datasets, parse_spec
+    from raeflow.data.catalog import known_datasets, parse_spec
 
     name, _ = parse_spec(dataset)
     ds = known_datasets().get(name)
     if ds is None:
         raise ValueError(f"retrieval is measured on built-in datasets ({', '.join(sorted(known_datasets()))}); "
                          f"got {dataset!r}")
-    return (document_retrieval if ds.kind == "text" else image_retrieval)(model_dir, dataset, **kwargs)
+    return (document_retrieval if ds.kind == "text" else image_retrieval)(model, dataset, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- reporting

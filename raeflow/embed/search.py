@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow.dataset as pads
 
+from raeflow.artifact import TrainedModel
 from raeflow.embed.encoder import EMBEDDING, ID, LABEL
 
 #: Similarity-matrix elements computed at once (queries x rows): bounds search memory to ~256 MB of float32.
@@ -79,7 +80,7 @@ class Index:
 
     @classmethod
     def load(cls, embeddings: str | os.PathLike) -> "Index":
-        from raeflow.embed.job import part_files, read_metadata
+        from raeflow.embed.output import part_files, read_metadata
 
         files = part_files(Path(embeddings))
         if not files:
@@ -118,16 +119,14 @@ class Index:
 def encode_query(encoder, query: str) -> tuple[np.ndarray, str]:
     """One query -> ``((1, latent) code, what it was)``: an image or ``.txt`` file path, a built-in dataset row
     ``name:split:index`` (e.g. ``mnist:test:17``), or — for document models — the text itself."""
-    from raeflow.data.core import known_datasets
+    from raeflow.data.catalog import known_datasets
 
     p = Path(query)
     if encoder.kind == "image":
         if p.is_file():
             from raeflow.data.user import decode_image
-            from raeflow.embed.encoder import image_mode
 
-            x = decode_image(p.read_bytes(), tuple(encoder.input_shape[1:]), image_mode(encoder.input_shape),
-                             str(p))
+            x = decode_image(p.read_bytes(), tuple(encoder.input_shape[1:]), encoder.artifact.input.mode, str(p))
             return encoder.encode_array(x[None])[0], f"image {p}"
         row = _builtin_row(query, known_datasets())
         if row is not None:
@@ -164,17 +163,18 @@ def _builtin_row(query: str, datasets: dict) -> tuple[Any, str] | None:
     return raw.x[i], f"{query} (label {label})"
 
 
-def search(embeddings: str | os.PathLike, model: str | os.PathLike, query: str, k: int = 10) -> dict[str, Any]:
+def search(embeddings: str | os.PathLike, model: "str | os.PathLike | TrainedModel", query: str,
+           k: int = 10) -> dict[str, Any]:
     """``raeflow search``: encode ``query`` with ``model`` and return the ``k`` nearest embeddings."""
     from raeflow.embed.encoder import Encoder
-    from raeflow.io import model_sha256
 
     index = Index.load(embeddings)
-    sha = model_sha256(model)
+    art = TrainedModel.load(model)
+    sha = art.sha256
     if index.model_sha256 and index.model_sha256 != sha:
         raise ValueError(f"{embeddings} was embedded by model sha256 {index.model_sha256[:12]}, but --model is "
                          f"{sha[:12]}: codes of different models are not comparable; embed with this model first")
-    encoder = Encoder(model)
+    encoder = Encoder(art)
     code, what = encode_query(encoder, query)
     hits = index.search(code, k)[0]
     return {"query": what, "k": k, "rows": len(index), "model_sha256": sha,

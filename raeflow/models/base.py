@@ -111,6 +111,15 @@ class Autoencoder(nn.Module):
         return frozenset(caps)
 
     @property
+    def bounded(self) -> bool:
+        """Inputs and outputs are intensities in [0, 1]; False for a linear decoder (any finite value)."""
+        return self.loss_kind != "mse_linear"
+
+    def enter_stage(self, stage: Stage) -> None:
+        """Called by the trainer as each stage starts (and again when a resumed run re-enters it), after the
+        stage's ``frozen`` modules are frozen and before its optimisers are built. Default: nothing."""
+
+    @property
     def input_dim(self) -> int:
         n = 1
         for s in self.input_shape:

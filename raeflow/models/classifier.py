@@ -95,6 +95,9 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(features, self.num_classes))
         self.latent_dim = int(head_hidden) if head_hidden else self.feature_dim  # what `encode` returns
 
+    #: a classifier's inputs are what its base autoencoder took; images in [0, 1]
+    bounded = True
+
     @classmethod
     def from_autoencoder(cls, base: nn.Module, num_classes: int, head_hidden: int | None = None,
                          input_shape: Sequence[int] | None = None,

@@ -17,12 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import raeflow
-from raeflow.serve.service import (MAX_BODY_BYTES, MAX_ITEMS, GenerateRequest, GridRequest, ImagesRequest,
-                                   InterpolateRequest, ModelService, Plan, SearchRequest, ServiceError, Stats,
-                                   plan, run_jobs, validation_message)
+from raeflow.version import __version__
+from raeflow.serve.endpoints import ENDPOINTS, Endpoint, Plan, plan
+from raeflow.serve.errors import ServiceError
+from raeflow.serve.schemas import MAX_BODY_BYTES, MAX_ITEMS, validation_message
+from raeflow.serve.service import ModelService, Stats, run_jobs
 
-MODEL_ENDPOINTS = ("encode", "reconstruct", "denoise", "generate", "interpolate", "grid", "search")
+MODEL_ENDPOINTS = tuple(ENDPOINTS)
 
 
 class Backend(Protocol):
@@ -31,15 +32,12 @@ class Backend(Protocol):
 
     async def run(self, model: str, op: str, x: np.ndarray) -> np.ndarray: ...
 
-    def search(self, svc: ModelService, codes: np.ndarray, k: int, index: str | None) -> dict[str, Any]: ...
-
 
 class DirectBackend:
     """Runs every model call in the request's own thread, one call per request (no batching)."""
 
-    def __init__(self, services: dict[str, ModelService], indexes: dict[str, Any] | None = None):
+    def __init__(self, services: dict[str, ModelService]):
         self.services = services
-        self.indexes = indexes or {}
         self.stats = Stats()
 
     async def run(self, model: str, op: str, x: np.ndarray) -> np.ndarray:
@@ -47,11 +45,6 @@ class DirectBackend:
         if isinstance(out, BaseException):
             raise out
         return out
-
-    def search(self, svc: ModelService, codes: np.ndarray, k: int, index: str | None) -> dict[str, Any]:
-        from raeflow.serve.search import search_index
-
-        return search_index(self.indexes, svc, codes, k, index)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -135,7 +128,7 @@ ROUTES_HELP = ("GET /healthz, GET /models, GET /docs, and POST /{model}/{endpoin
 
 def build_app(backend: Backend) -> FastAPI:
     """The FastAPI app over ``backend``; OpenAPI schema at /openapi.json, docs at /docs."""
-    app = FastAPI(title="raeflow", version=raeflow.__version__,
+    app = FastAPI(title="raeflow", version=__version__,
                   description="Autoencoders over HTTP: encode, reconstruct, denoise, generate, interpolate, grid, "
                               "search. JSON in and out; images as arrays in [0, 1] or base64 PNGs. "
                               f"At most {MAX_ITEMS} items per request and {MAX_BODY_BYTES // 2**20} MiB per body.")
@@ -199,38 +192,16 @@ def build_app(backend: Backend) -> FastAPI:
     async def stats():
         return backend.stats.as_dict()
 
-    @app.post("/{model}/encode", summary="Images (or documents) -> latent codes")
-    async def encode(model: str, body: ImagesRequest):
-        return await answer(model, "encode", body)
+    def add_route(endpoint: Endpoint) -> None:
+        # One route per declared endpoint; the body's type annotation is what FastAPI validates and documents.
+        async def route(model, body):
+            return await answer(model, endpoint.name, body)
 
-    @app.post("/{model}/reconstruct", summary="Images -> their reconstructions")
-    async def reconstruct(model: str, body: ImagesRequest):
-        return await answer(model, "reconstruct", body)
+        route.__name__ = endpoint.name
+        route.__annotations__ = {"model": str, "body": endpoint.request}  # real types, not postponed strings
+        app.post(f"/{{model}}/{endpoint.name}", summary=endpoint.summary)(route)
 
-    @app.post("/{model}/denoise", summary="Noisy images -> cleaned images (denoising models)")
-    async def denoise(model: str, body: ImagesRequest):
-        return await answer(model, "denoise", body)
-
-    @app.post("/{model}/generate", summary="Samples from the prior (seeded), or decoded codes z (generators)")
-    async def generate(model: str, body: GenerateRequest):
-        return await answer(model, "generate", body)
-
-    @app.post("/{model}/interpolate", summary="Decoded images on the segment between two images' or codes' codes")
-    async def interpolate(model: str, body: InterpolateRequest):
-        return await answer(model, "interpolate", body)
-
-    @app.post("/{model}/grid", summary="The decoded 2-D latent manifold (generators with 2-D codes)")
-    async def grid(model: str, body: GridRequest):
-        return await answer(model, "grid", body)
-
-    @app.post("/{model}/search", summary="The k nearest rows of an --index embeddings directory to each query")
-    async def search(model: str, body: SearchRequest):
-        svc = service(model)
-        svc.require("search")  # 404 unless an --index holds this model's codes
-        inp = svc.inputs(body)
-        if body.grid:
-            raise ServiceError(422, "\"grid\" applies to endpoints that answer images, not to /search")
-        codes = await backend.run(model, "encode", inp.x)
-        return _json(backend.search(svc, codes, body.k, body.index))
+    for endpoint in ENDPOINTS.values():
+        add_route(endpoint)
 
     return app

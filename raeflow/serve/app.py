@@ -39,7 +39,7 @@ class RaeflowIngress:
         self.services = {m["name"]: ModelService.load(m["path"], m["name"], device) for m in config["models"]}
         from raeflow.serve.search import load_indexes
 
-        self.indexes = load_indexes(config.get("indexes") or [], self.services)
+        load_indexes(config.get("indexes") or [], self.services)
         self.stats = Stats()
         self._batched.set_max_batch_size(opts.max_batch_size)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
@@ -60,11 +60,6 @@ class RaeflowIngress:
         # The model call runs in a worker thread (torch releases the GIL), so this replica's event loop keeps
         # parsing and answering the other requests meanwhile: parsing the next batch overlaps computing this one.
         return await asyncio.to_thread(run_jobs, self.services, jobs, self.stats)
-
-    def search(self, svc: ModelService, codes: np.ndarray, k: int, index: str | None) -> dict[str, Any]:
-        from raeflow.serve.search import search_index
-
-        return search_index(self.indexes, svc, codes, k, index)
 
 
 def build(config: AppConfig):

@@ -7,12 +7,14 @@ records) or, for an index that records none, when the code sizes agree.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from raeflow.serve.service import ModelService, ServiceError
+from raeflow.serve.errors import ServiceError
+from raeflow.serve.service import ModelService
 
 
 @dataclass
@@ -27,9 +29,8 @@ def load_indexes(specs: Sequence[dict[str, str]], services: dict[str, ModelServi
     if not specs:
         return {}
     from raeflow.embed.search import Index
-    from raeflow.io import model_sha256
 
-    shas = {name: model_sha256(svc.path) for name, svc in services.items() if svc.path is not None}
+    shas = {name: svc.artifact.sha256 for name, svc in services.items()}
     out: dict[str, ServedIndex] = {}
     for spec in specs:
         index = Index.load(spec["path"])
@@ -41,8 +42,9 @@ def load_indexes(specs: Sequence[dict[str, str]], services: dict[str, ModelServi
                              f"by model sha256 {str(sha)[:12]}, {index.dim}-d codes); serve that model too")
         out[spec["name"]] = ServedIndex(spec["name"], index, models)
     for name, svc in services.items():
-        if any(name in s.models for s in out.values()) and "search" not in svc.endpoints:
-            svc.endpoints.append("search")
+        svc.indexes = [s for s in out.values() if name in s.models]
+        if svc.indexes:
+            svc.search_fn = functools.partial(search_index, out, svc)
     return out
 
 

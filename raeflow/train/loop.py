@@ -61,6 +61,12 @@ class TensorBatches:
             yield self.x[j], (None if self.y is None else self.y[j])
 
 
+def selection_value(metrics: dict[str, Any], name: str) -> float:
+    """The selection metric of one epoch's metrics; without a validation split, its training twin
+    (``val_loss`` -> ``train_loss``); NaN when neither exists."""
+    return float(metrics.get(name, metrics.get(name.replace("val_", "train_"), math.nan)))
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -307,7 +313,7 @@ class Trainer:
                 sel = self.model.selection_metric
                 is_best = False
                 if final_stage:
-                    value = metrics.get(sel, metrics.get(sel.replace("val_", "train_"), math.nan))
+                    value = selection_value(metrics, sel)
                     # No metric to select by (PCA fitted without a validation split): the latest epoch is best.
                     if value < p.best or math.isnan(value):
                         p.best, p.best_epoch, p.stale, is_best = value, p.epoch, 0, True

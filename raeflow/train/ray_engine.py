@@ -48,9 +48,9 @@ from ray.util.queue import Empty, Queue
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, TrainingData
 from raeflow.registry import build_model
-from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything
+from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
-from raeflow.train.run import epoch_line, metrics_row, threads_per_worker
+from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
 
 _OWNER = "raeflow.train"  # raycluster owner tag: fit_ray stops only a Ray instance that training started
 #: Recorded in the run directory: the Ray run to continue on ``--resume``.
@@ -433,8 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_gather_object(gathered, mine)
         digests = [d for d, _ in gathered]
         final_stage = r.stage == final_name
-        sel = r.metrics.get(r.selection_metric, r.metrics.get(r.selection_metric.replace("val_", "train_"),
-                                                              math.nan))
+        sel = selection_value(r.metrics, r.selection_metric)
         metrics = {**r.metrics, "epoch": r.epoch, "stage": r.stage, "final_stage": final_stage,
                    "selection": float(sel) if final_stage else NOT_FINAL}
         # Only epochs with a checkpoint are reported to Ray: a report is a barrier across workers and waits for

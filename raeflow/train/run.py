@@ -5,7 +5,6 @@ Linear on purpose: everything a run does is readable top to bottom in :func:`tra
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from raeflow.data import TrainingData, load_training_data
 from raeflow.io import save_model
 from raeflow.models.base import TrainPlan
 from raeflow.registry import build_model
-from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything
+from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
+from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 
 
@@ -54,26 +54,6 @@ def _init_params(variant: str) -> set[str]:
     from raeflow.registry import get_variant
 
     return set(inspect.signature(get_variant(variant).cls.__init__).parameters)
-
-
-def epoch_line(r: EpochResult, total: int) -> str:
-    """The live progress line: epoch, stage, the loss terms, throughput."""
-    keys = [k for k in r.metrics if k.startswith(("train_", "val_")) and not k.endswith("_n")]
-    terms = " ".join(f"{k}={r.metrics[k]:.4g}" for k in keys[:8])
-    best = " *" if r.is_best else ""
-    return (f"epoch {r.epoch}/{total} [{r.stage}] {terms} | {r.metrics['samples_per_s']:.0f} samples/s "
-            f"{r.metrics['epoch_s']:.1f}s{best}")
-
-
-def metrics_row(r: EpochResult) -> dict[str, Any]:
-    return {"epoch": r.epoch, "stage": r.stage, **{k: v for k, v in r.metrics.items()},
-            "best": r.is_best, "time": time.time()}
-
-
-def threads_per_worker(workers: int, requested: int | None) -> int:
-    if requested:
-        return requested
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bool,
@@ -178,7 +158,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     sel = model.selection_metric
     best_row = next((r for r in reversed(rows) if r.get("best")), {})  # the trainer flags the selected epoch
     result = TrainResult(run.path, len(rows), best_row.get("epoch", -1),
-                         best_row.get(sel, best_row.get(sel.replace("val_", "train_"), math.nan)), sel,
+                         selection_value(best_row, sel), sel,
                          time.perf_counter() - t0, rows[-1] if rows else {})
     log(summary_table(result, rows))
     return result
