@@ -22,7 +22,10 @@ def _version(value: bool):
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
-    pass
+    # Before any subcommand can import Ray: Ray reads part of its environment once, at its first import.
+    from raeflow.raycluster import apply_env
+
+    apply_env()
 
 
 @app.command()
