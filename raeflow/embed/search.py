@@ -164,13 +164,17 @@ def _builtin_row(query: str, datasets: dict) -> tuple[Any, str] | None:
     return raw.x[i], f"{query} (label {label})"
 
 
-def search(embeddings: str | os.PathLike, model: str | os.PathLike, query: str, k: int = 10) -> dict[str, Any]:
-    """``raeflow search``: encode ``query`` with ``model`` and return the ``k`` nearest embeddings."""
+def search(embeddings: str | os.PathLike, model: str | os.PathLike, query: str, k: int = 10,
+           exact: bool = False) -> dict[str, Any]:
+    """``raeflow search``: encode ``query`` with ``model`` and return the ``k`` nearest embeddings — through the
+    directory's ANN index when ``raeflow index`` built one (issue 13), exactly when ``exact`` or there is none."""
     from raeflow.embed.encoder import Encoder
+    from raeflow.index import open_index
     from raeflow.io import model_sha256
 
-    index = Index.load(embeddings)
     sha = model_sha256(model)
+    index = None if exact else open_index(embeddings, sha)  # issue 13: None -> the exact search below
+    index = index or Index.load(embeddings)
     if index.model_sha256 and index.model_sha256 != sha:
         raise ValueError(f"{embeddings} was embedded by model sha256 {index.model_sha256[:12]}, but --model is "
                          f"{sha[:12]}: codes of different models are not comparable; embed with this model first")
@@ -178,11 +182,13 @@ def search(embeddings: str | os.PathLike, model: str | os.PathLike, query: str, 
     code, what = encode_query(encoder, query)
     hits = index.search(code, k)[0]
     return {"query": what, "k": k, "rows": len(index), "model_sha256": sha,
+            "search": index.describe() if hasattr(index, "describe") else "exact",
             "hits": [h.to_dict() for h in hits]}
 
 
 def format_hits(result: dict[str, Any]) -> str:
-    lines = [f"query: {result['query']}  ({result['rows']:,} rows searched, cosine similarity)",
+    lines = [f"query: {result['query']}  ({result['rows']:,} rows searched, cosine similarity, "
+             f"{result.get('search', 'exact')})",
              f"{'rank':>4}  {'score':>7}  {'label':<24} id"]
     for r, h in enumerate(result["hits"], start=1):
         lines.append(f"{r:>4}  {h['score']:>7.4f}  {str(h['label'] if h['label'] is not None else '-'):<24} {h['id']}")
