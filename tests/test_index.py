@@ -19,6 +19,8 @@ from raeflow.index import IndexMismatch, build_index, open_index  # noqa: E402
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 DIM = 16
+#: Small IVF-PQ settings for 10k rows (64-centroid sub-quantisers: train in seconds, not the 20 s of 256).
+SMALL = {"hnsw": None, "ivfpq": {"nlist": 64, "m": 8, "nbits": 6}}
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
@@ -51,7 +53,7 @@ def test_recall_against_exact_search(tmp_path, corpus, kind):
     base, queries = corpus
     write_part(tmp_path, 0, base[:6000], 0)
     write_part(tmp_path, 1, base[6000:], 6000)
-    s = build_index(tmp_path, kind, log=lambda _: None)
+    s = build_index(tmp_path, kind, SMALL[kind], log=lambda _: None)
     assert (s.rows, s.added, s.incremental) == (10_000, 10_000, False)
     index = open_index(tmp_path, SHA_A, min_rows=0)
     truth, _ = top_k(normalise(queries), normalise(base), 10)
@@ -99,7 +101,7 @@ def test_changed_embeddings_are_refused(tmp_path, corpus):
 def test_rows_embedded_later_are_added_without_rebuild(tmp_path, corpus, kind):
     base = corpus[0]
     write_part(tmp_path, 0, base[:8000], 0)
-    build_index(tmp_path, kind, log=lambda _: None)
+    build_index(tmp_path, kind, SMALL[kind], log=lambda _: None)
     trained = (tmp_path / "_index" / "index.faiss").stat().st_mtime_ns
     write_part(tmp_path, 1, base[8000:], 8000)  # what `raeflow embed --resume` commits: a new part number
     with pytest.raises(IndexMismatch, match="raeflow index --embeddings"):
