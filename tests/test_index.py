@@ -33,10 +33,10 @@ def clustered(n: int, seed: int) -> np.ndarray:
 def write_part(out: Path, part: int, vectors: np.ndarray, first: int, sha: str = SHA_A) -> None:
     """One `raeflow embed` part file (same schema and metadata keys), written without Ray."""
     meta = {"raeflow.variant": "ae", "raeflow.model_sha256": sha, "raeflow.version": "test", "raeflow.input": "x"}
-    n = len(vectors)
+    n, dim = vectors.shape
     table = pa.table({ID: pa.array([f"row{first + i}" for i in range(n)]),
                       EMBEDDING: to_vectors(vectors, np.zeros(n, bool)),
-                      LABEL: pa.array([f"c{(first + i) % 7}" for i in range(n)])}).cast(output_schema(DIM, False, meta))
+                      LABEL: pa.array([f"c{(first + i) % 7}" for i in range(n)])}).cast(output_schema(dim, False, meta))
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(table, out / PART.format(part))
 
@@ -128,3 +128,36 @@ def test_exact_search_equals_sklearn_brute_force(corpus):
     dist, idx = nn.kneighbors(queries)
     assert [[h.id for h in row] for row in hits] == [[f"r{j}" for j in row] for row in idx]
     np.testing.assert_allclose([[h.score for h in row] for row in hits], 1 - dist, atol=1e-5)
+
+
+def test_search_and_serve_use_the_index_and_exact_forces_the_exact_search(tmp_path, monkeypatch):
+    """`raeflow search` and Serve's index loading, end to end on a real (random-weight) MNIST model."""
+    import raeflow.index.query
+    from raeflow.bench.embed import make_model
+    from raeflow.data.images import load_mnist
+    from raeflow.embed.encoder import Encoder
+    from raeflow.embed.search import search
+    from raeflow.io import model_sha256
+    from raeflow.serve.search import load_indexes, search_index
+    from raeflow.serve.service import ModelService
+
+    md = make_model(tmp_path / "m", seed=0)
+    codes = Encoder(md, threads=1).encode_array(np.asarray(load_mnist("test").x[:400], np.float32))[0]  # (400, 30)
+    out = tmp_path / "emb"
+    write_part(out, 0, codes, 0, sha=model_sha256(md))
+    build_index(out, "hnsw", log=lambda _: None)
+    exact = search(out, md, "mnist:test:17", k=5)  # 400 rows < EXACT_BELOW: the exact search answers
+    assert exact["search"] == "exact" and exact["hits"][0]["id"] == "row17"
+    monkeypatch.setattr(raeflow.index.query, "EXACT_BELOW", 0)
+    ann = search(out, md, "mnist:test:17", k=5)
+    assert ann["search"].startswith("hnsw index")
+    assert [h["id"] for h in ann["hits"]] == [h["id"] for h in exact["hits"]]
+    assert search(out, md, "mnist:test:17", k=5, exact=True)["search"] == "exact"
+    other = make_model(tmp_path / "other", seed=1)
+    with pytest.raises(IndexMismatch, match="not comparable"):
+        search(out, other, "mnist:test:17")
+    svc = ModelService.load(md, name="ae")
+    served = load_indexes([{"name": "digits", "path": str(out)}], {"ae": svc})
+    assert type(served["digits"].index).__name__ == "AnnIndex"
+    res = search_index(served, svc, codes[[17, 3]], 2, None)
+    assert [r[0]["id"] for r in res["results"]] == ["row17", "row3"]

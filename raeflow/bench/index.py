@@ -55,7 +55,7 @@ def encode_queries(model: str, source: str, n: int) -> np.ndarray:
     name, split = parse_spec(source)
     x = np.asarray(known_datasets()[name].load(split or "test").x[:n], np.float32)
     enc = Encoder(model, threads=1)
-    return normalise(np.concatenate([enc.encode_array(x[s:s + 1000]) for s in range(0, len(x), 1000)]))
+    return normalise(np.concatenate([enc.encode_array(x[s:s + 1000])[0] for s in range(0, len(x), 1000)]))
 
 
 def _load() -> float:
