@@ -15,6 +15,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                        "_index is rebuilt for each kind)."),
         model: str = typer.Option(..., "--model", "-m", help="The model that made the embeddings (encodes the "
                                   "queries)."),
+        corpus: Optional[str] = typer.Option(None, "--corpus", help="A `raeflow corpus` directory to embed into "
+                                             "--embeddings first (in this process, one thread) when that is empty."),
         kind: List[str] = typer.Option(["hnsw", "ivfpq"], "--kind", help="Kinds to build and measure."),
         queries: str = typer.Option("mnist:test", "--queries", help="Built-in rows used as queries."),
         recall_queries: int = typer.Option(1000, "--recall-queries", help="Queries recall is averaged over."),
@@ -26,6 +28,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from raeflow.cli.main import USER_ERRORS, _fail
 
         try:
+            from pathlib import Path as _P
+
+            if corpus and not any(_P(embeddings).glob("part-*.parquet")):
+                from raeflow.bench.index import embed_corpus
+
+                typer.echo(f"embedded: {embed_corpus(corpus, model, embeddings, log=typer.echo)}")
             report = run(embeddings, model, kinds=kind, queries=queries, recall_queries=recall_queries,
                          single_budget_s=budget, log=typer.echo)
         except USER_ERRORS as e:

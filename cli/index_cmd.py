@@ -28,12 +28,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rebuild: bool = typer.Option(False, "--rebuild", help="Start over (default: add the part files a later "
                                      "`raeflow embed --resume` committed)."),
         threads: int = typer.Option(1, "--threads", help="faiss threads for the build."),
+        as_json: Optional[str] = typer.Option(None, "--json", help="Also write the build summary as JSON here."),
     ):
         """Build an ANN index beside the embeddings (or add new rows to it); search and /search then use it."""
         from raeflow.cli.main import USER_ERRORS, _fail
         from raeflow.index import build_index
 
         try:
-            build_index(embeddings, kind, _params(param) or None, rebuild=rebuild, threads=threads, log=typer.echo)
+            summary = build_index(embeddings, kind, _params(param) or None, rebuild=rebuild, threads=threads,
+                                  log=typer.echo)
         except USER_ERRORS as e:
             _fail(e)
+        if as_json:
+            from dataclasses import asdict
+            from pathlib import Path
+
+            Path(as_json).write_text(json.dumps(asdict(summary), indent=2))

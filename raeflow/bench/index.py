@@ -46,14 +46,45 @@ def load_vectors(embeddings: Path) -> np.ndarray:
     return out
 
 
+def embed_corpus(corpus: str, model: str, out: str, batch_size: int = 4096,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Embed a ``raeflow corpus`` Parquet directory in this process, one thread: the same
+    :class:`~raeflow.embed.encoder.Encoder` and :class:`~raeflow.embed.job.PartWriter` (so the same part files,
+    schema and ``raeflow.*`` metadata) as ``raeflow embed``, without Ray's start-up — for the benchmark's corpora
+    on a loaded 2-core machine. Ids are the corpus's ``id`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raeflow.embed.encoder import EMBEDDING, ERROR, ID, LABEL, Encoder, dense_rows, to_vectors
+    from raeflow.embed.job import (_metadata, errors_schema, output_schema, part_files, rows_per_file,
+                                   PartWriter)
+    from raeflow.io import model_dir, read_config
+
+    t0 = time.perf_counter()
+    md = model_dir(model)
+    enc = Encoder(md, threads=1)
+    meta = _metadata(md, read_config(md), str(Path(corpus).resolve()))
+    schema = output_schema(enc.latent_dim, False, meta)
+    writer = PartWriter(Path(out), schema, errors_schema(meta), rows_per_file(enc.latent_dim, False))
+    for f in part_files(Path(corpus)):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "image", "label"]):
+            mu, _ = enc.encode_array(dense_rows(rb.column(1), enc.input_dim))
+            writer.add(pa.table({ID: rb.column(0), EMBEDDING: to_vectors(mu), LABEL: rb.column(2),
+                                 ERROR: pa.nulls(len(mu), pa.string())}))
+        log(f"embedded {f.name}: {writer.embedded + writer._n:,} rows so far")
+    writer.close()
+    return {"rows": writer.embedded, "seconds": round(time.perf_counter() - t0, 1), "load": _load()}
+
+
 def encode_queries(model: str, source: str, n: int) -> np.ndarray:
     """``n`` rows of the built-in ``source`` (``mnist:test``) encoded by ``model`` and unit-normalised."""
     from raeflow.data.core import known_datasets, parse_spec
     from raeflow.embed.encoder import Encoder
     from raeflow.embed.search import normalise
 
+    datasets = known_datasets()  # registers the built-ins, which parse_spec needs to see first
     name, split = parse_spec(source)
-    x = np.asarray(known_datasets()[name].load(split or "test").x[:n], np.float32)
+    x = np.asarray(datasets[name].load(split or "test").x[:n], np.float32)
     enc = Encoder(model, threads=1)
     return normalise(np.concatenate([enc.encode_array(x[s:s + 1000])[0] for s in range(0, len(x), 1000)]))
 
@@ -90,25 +121,26 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def build_child(embeddings: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``raeflow index --rebuild`` in a child process: wall seconds, peak RSS (the child's ru_maxrss), sizes."""
-    cmd = [sys.executable, "-m", "raeflow.cli.main", "index", "-e", str(embeddings), "--kind", kind, "--rebuild"]
-    for k, v in params.items():
-        cmd += ["-p", f"{k}={json.dumps(v)}"]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t
-    text = proc.stdout.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text}")
-    from raeflow.index.build import FAISS_FILE, VECTORS, index_dir
+    """``raeflow index --rebuild`` in a child process: its own build seconds and peak RSS (VmHWM, imports
+    included), the wall time with the process start-up, the sizes."""
+    import tempfile
 
-    d = index_dir(embeddings)
-    mem = (d / FAISS_FILE).stat().st_size
-    vec = (d / VECTORS).stat().st_size if (d / VECTORS).exists() else 0
-    return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024, "index_file_bytes": mem,
-            "vectors_file_bytes": vec, "load": _load(), "log": text.strip().splitlines()}
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "raeflow.cli.main", "index", "-e", str(embeddings), "--kind", kind,
+               "--rebuild", "--json", str(summary)]
+        for k, v in params.items():
+            cmd += ["-p", f"{k}={json.dumps(v)}"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}")
+        s = json.loads(summary.read_text())
+    return {"seconds": round(s["seconds"], 1), "wall_with_startup_s": round(wall, 1),
+            "peak_rss_bytes": s["peak_rss_bytes"], "index_file_bytes": s["memory_bytes"],
+            "vectors_file_bytes": s["index_bytes"] - s["memory_bytes"], "load": _load(),
+            "log": [ln for ln in proc.stdout.strip().splitlines() if not ln.startswith("WARNING")]}
 
 
 #: Query-time settings tried per kind (the first that reaches the recall goal is the one to ship).
@@ -178,7 +210,8 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {kind} | {name}={val} | {row['recall']:.4f} | {row['single']['qps']:,.0f} | "
                          f"{row['single']['qps'] / ex1:,.0f}× | {row['single']['p50_ms']} | {row['batch']['qps']:,.0f}"
                          f" | {row['batch']['qps'] / exb:,.1f}× | {row['single']['load']} |")
-    lines += ["", "| kind | build s | peak RSS of the build | index in memory | + vectors on disk | load |",
+    lines += ["", "| kind | build s (process start-up excluded) | peak RSS of the build process | index in memory | "
+              "+ vectors on disk | load |",
               "|---|---|---|---|---|---|"]
     for kind, v in r["kinds"].items():
         b = v["build"]
@@ -186,3 +219,41 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{b['index_file_bytes'] / 2**20:,.1f} MiB | {b['vectors_file_bytes'] / 2**20:,.1f} MiB | "
                      f"{b['load']} |")
     return "\n".join(lines)
+
+
+def compare_libraries(base: np.ndarray, q: np.ndarray, k: int = 10, M: int = 16, ef_construction: int = 40,
+                      ef_search: tuple[int, ...] = (32, 64, 128), budget_s: float = 5.0,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """faiss ``IndexHNSWFlat`` against usearch's HNSW with the same graph settings on the same unit vectors, one
+    thread: build seconds, recall@k against the exact ``top_k``, queries/s one at a time. (How the library for
+    ``raeflow index`` was chosen; usearch is not a dependency, so this imports it only here.)"""
+    import faiss
+    from usearch.index import Index as UIndex
+
+    from raeflow.embed.search import top_k
+
+    rows = []
+    with _one_thread():
+        truth = top_k(q, base, k)[0]
+        t = time.perf_counter()
+        f = faiss.IndexHNSWFlat(base.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+        f.hnsw.efConstruction = ef_construction
+        f.add(base)
+        fb = time.perf_counter() - t
+        t = time.perf_counter()
+        u = UIndex(ndim=base.shape[1], metric="ip", dtype="f32", connectivity=M, expansion_add=ef_construction)
+        u.add(np.arange(len(base)), base, threads=1)
+        ub = time.perf_counter() - t
+        log(f"build: faiss {fb:.1f}s, usearch {ub:.1f}s ({len(base):,} rows, load {_load()})")
+        for ef in ef_search:
+            f.hnsw.efSearch = ef
+            u.expansion_search = ef
+            ff = f.search(q, k)[1]
+            uu = np.asarray(u.search(q, k, threads=1).keys, np.int64)
+            fs = time_single(lambda x: f.search(x, k), q, budget_s, 20000)
+            us = time_single(lambda x: u.search(x[0], k, threads=1), q, budget_s, 20000)
+            row = {"ef_search": ef, "faiss": {"build_s": round(fb, 1), "recall": round(recall(ff, truth), 4), **fs},
+                   "usearch": {"build_s": round(ub, 1), "recall": round(recall(uu, truth), 4), **us}}
+            log(str(row))
+            rows.append(row)
+    return rows

@@ -187,12 +187,26 @@ class BuildSummary:
     memory_bytes: int  # what a query process holds in memory: index.faiss (vectors.f32 is memory-mapped)
     incremental: bool
     params: dict[str, Any] = field(default_factory=dict)
+    peak_rss_bytes: int | None = None  # this process's high-water mark (Linux VmHWM), imports included
 
     def lines(self) -> list[str]:
         how = f"added {self.added:,} rows to" if self.incremental else f"built from {self.added:,} rows:"
+        peak = f"; peak RSS of this process {self.peak_rss_bytes / 2**20:,.0f} MiB" if self.peak_rss_bytes else ""
         return [f"index: {how} {self.kind} ({self.rows:,} rows) in {self.seconds:.1f}s; "
-                f"{self.index_bytes / 2**20:,.1f} MiB on disk, {self.memory_bytes / 2**20:,.1f} MiB in memory",
+                f"{self.index_bytes / 2**20:,.1f} MiB on disk, {self.memory_bytes / 2**20:,.1f} MiB in memory{peak}",
                 "params: " + ", ".join(f"{k}={v}" for k, v in self.params.items())]
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory (``VmHWM``; reset by exec, unlike a child's ``ru_maxrss``, which can
+    report the forking parent's size), or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def index_dir(embeddings: str | os.PathLike) -> Path:
@@ -326,7 +340,8 @@ def _summary(out: Path, info: dict[str, Any], added: int, seconds: float, *, inc
     where = index_dir(out)
     mem = (where / FAISS_FILE).stat().st_size
     vec = (where / VECTORS).stat().st_size if (where / VECTORS).exists() else 0
-    s = BuildSummary(info["kind"], info["rows"], added, seconds, mem + vec, mem, incremental, info["params"])
+    s = BuildSummary(info["kind"], info["rows"], added, seconds, mem + vec, mem, incremental, info["params"],
+                     peak_rss())
     for line in s.lines():
         log(line)
     return s
