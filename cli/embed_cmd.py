@@ -51,13 +51,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                   "mnist:test:17, or (document models) the text itself."),
         k: int = typer.Option(10, "-k", help="Neighbours to return."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        exact: bool = typer.Option(False, "--exact", help="Compare with every embedding even when `raeflow "
+                                   "index` built an index."),
     ):
-        """The k nearest embeddings to a query, by cosine similarity (exact)."""
+        """The k nearest embeddings to a query, by cosine similarity (the ANN index when there is one)."""
         from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.embed.search import format_hits, search as run_search
 
         try:
-            result = run_search(embeddings, model, query, k)
+            result = run_search(embeddings, model, query, k, exact=exact)
         except USER_ERRORS as e:
             fail(e)
         typer.echo(json.dumps(result, indent=2) if as_json else format_hits(result))

@@ -87,9 +87,10 @@ app.add_typer(bench_app, name="bench")
 
 from raeflow.cli import (bench_embed_cmd, bench_serve_cmd, bench_train_cmd, embed_cmd, eval_cmd,  # noqa: E402
                          finetune_cmd, serve_cmd, showcase_cmd)
+from raeflow.cli import bench_index_cmd, corpus_cmd, index_cmd  # noqa: E402  (issue 13: corpus + ANN index)
 
 for _module in (finetune_cmd, embed_cmd, serve_cmd, eval_cmd, showcase_cmd, bench_serve_cmd, bench_embed_cmd,
-                bench_train_cmd):
+                bench_train_cmd, corpus_cmd, index_cmd, bench_index_cmd):
     _module.register(app, bench_app)
 
 if __name__ == "__main__":  # pragma: no cover
