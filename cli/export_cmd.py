@@ -15,7 +15,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory (default RUN_DIR/onnx)."),
     ):
         """Export encoder / decoder / reconstruct / denoise graphs (whichever the model declares), batch dynamic."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail as _fail
         from raeflow.export import FORMATS, export_onnx
 
         try:

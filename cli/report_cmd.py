@@ -15,7 +15,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         title: Optional[str] = typer.Option(None, "--title"),
     ):
         """Write an HTML report (plots embedded, nothing fetched from the network) of RUN_DIR [RUN_DIR ...]."""
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail as _fail
         from raeflow.report import write_report
 
         try:

@@ -30,7 +30,7 @@ figure{margin:.6em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%;he
 # The plots a run directory may hold, in the order shown (latent views side by side: PCA and t-SNE).
 PLOTS = [("loss.png", "loss per epoch"), ("reconstructions.png", "reconstructions"),
          ("latent.png", "latent space (PCA)"), ("latent_tsne.png", "latent space (t-SNE)"),
-         ("latent_grid.png", "decoded 2-D latent grid")]
+         ("latent_grid.png", "decoded 2-D latent grid"), ("samples.png", "samples from the prior (seed 0)")]
 
 
 def _data_uri(png: bytes) -> str:
