@@ -61,6 +61,9 @@ def showcase(output: str = "runs/showcase", *, epochs: int = 2, workers: int = 2
         from raeflow.evaluate import save_results
 
         save_results(ev, out / "dae" / "eval")  # report.html's evaluation table and the model card read it
+        from raeflow.modelcard import write_model_card
+
+        write_model_card(out / "dae")
         figures["dae_squared_error_per_image"] = ev["tasks"]["reconstruction"]["squared_error_per_image"]
         masking = next(r for r in ev["tasks"]["denoise"]["rows"] if r["noise"] == "masking" and r["level"] == 0.25)
         figures["dae_psnr_masking25"] = (masking["noisy_psnr"], masking["denoised_psnr"])

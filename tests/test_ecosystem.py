@@ -256,3 +256,25 @@ def test_ray_train_logs_rank0_rows_once(ray_local, tmp_path):
     acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("val_loss")] == [r["epoch"] for r in rows]
+
+
+def test_server_pid_checks_through_psutil():
+    from raeflow.serve.run import _alive, _is_ours
+
+    assert _alive(os.getpid()) and not _is_ours(os.getpid())  # alive, but not a raeflow.serve.run process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not _alive(child.pid) and not _is_ours(child.pid)
+
+
+# --------------------------------------------------------------------------------------- Serve's JSON answers
+def test_serve_answers_through_orjson_and_refuses_non_finite():
+    """Finite answers go out as compact JSON (None stays null); a NaN or infinity anywhere, in a list or a numpy
+    array, is a 500 error answer — never `null` or `NaN` passed off as a number."""
+    from raeflow.serve.api import _json
+
+    ok = _json({"codes": [[0.5, -1.25]], "label": None, "z": np.array([1.0, 2.0], np.float32)})
+    assert ok.status_code == 200 and json.loads(ok.body) == {"codes": [[0.5, -1.25]], "label": None, "z": [1.0, 2.0]}
+    for broken in ({"images": [[0.1, math.nan]]}, {"codes": [[math.inf]]}, {"z": np.array([0.0, -np.inf])}):
+        r = _json(broken)
+        assert r.status_code == 500 and "non-finite" in json.loads(r.body)["error"]
