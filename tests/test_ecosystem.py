@@ -20,12 +20,16 @@ import pytest
 
 from browser import Chromium, find_chromium
 
+# The shared fixture trains two small runs and imports MLflow: seconds on a quiet machine, minutes when many
+# sessions share 2 cores (measured 144 s at load average 15); the default 300 s would fail on load, not on a bug.
+pytestmark = pytest.mark.timeout(900)
+
 
 def _train(out: Path, variant: str, sets: list[str], **kw):
     from raeflow.cli.common import build_run_config
     from raeflow.train.run import train
 
-    cfg = build_run_config(None, sets, variant=variant, dataset="digits", epochs=3, latent_dim=8, batch_size=64,
+    cfg = build_run_config(None, sets, variant=variant, dataset="digits", epochs=2, latent_dim=8, batch_size=64,
                            output=str(out), seed=0, **kw)
     return train(cfg, local=True, log=lambda *_: None)
 
@@ -35,7 +39,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Two tracked runs under one output root (they share its MLflow store); the DAE also draws a t-SNE view and
     is evaluated (reconstruction), so the report, the card and the trackers have eval figures to show."""
     root = tmp_path_factory.mktemp("runs")
-    _train(root / "dae", "dae", ["model.hidden=[64]", "plots.projections=[pca,tsne]", "plots.scatter_n=300"],
+    _train(root / "dae", "dae", ["model.hidden=[64]", "plots.projections=[pca,tsne]", "plots.scatter_n=200"],
            track=["mlflow", "tensorboard"])
     _train(root / "ae", "ae", ["model.hidden=[64]"], track=["mlflow"])
     from raeflow.evaluate import evaluate, save_results
