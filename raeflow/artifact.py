@@ -125,8 +125,9 @@ class TrainedModel:
 
     @functools.cached_property
     def latent_dim(self) -> int:
+        """The code size; 0 for a model without a code (a pixel-level autoregressive model)."""
         saved = self.config.get("latent_dim")
-        return int(saved) if saved is not None else int(self.model.latent_dim)
+        return int(saved) if saved is not None else int(getattr(self.model, "latent_dim", 0) or 0)
 
     def has(self, capability: str) -> bool:
         return capability in self.capabilities
