@@ -41,7 +41,6 @@ EPOCHS = 24
 TRAIN_ARGS = ["--variant", "ae", "--dataset", "digits", "--epochs", str(EPOCHS), "--batch-size", "64",
               "--seed", "0", "--set", "train.threads=1"]
 
-pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
 
 def _free_port() -> int:
@@ -83,6 +82,10 @@ class TwoNodeCluster:
         # The nodes must not have it: Ray 2.60 reads 0 as "no multi-node clusters" (a worker node refuses to
         # start, and the head's GCS would listen on loopback only).
         self.node_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        # Measured here at load 16-20: the head's dashboard (needed by `ray job submit`) starts ~10 module
+        # processes and gave up on one after its 30 s / 60 s defaults. Generous limits; the wait is bounded anyway.
+        self.node_env.update({"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "120",
+                              "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "150"})
 
     # ------------------------------------------------------------------------------------------- nodes
     def _ports(self) -> list[str]:
@@ -103,7 +106,7 @@ class TwoNodeCluster:
             env=self.node_env, stdout=open(path, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         return offset
 
-    def start(self, timeout_s: float = 150) -> None:
+    def start(self, timeout_s: float = 180) -> None:
         # Fast node-death detection (1 s health checks, dead after 3 misses) so the restart after the worker node
         # is killed does not wait out Ray's default 15 s.
         sysconf = json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
@@ -221,7 +224,9 @@ def _run(cmd: list[str], env: dict, timeout: float, **kw) -> subprocess.Complete
 
 
 # ----------------------------------------------------------------------------------------------- tests
-@pytest.mark.timeout(240)
+@pytest.mark.ray
+@pytest.mark.multinode
+@pytest.mark.timeout(600)  # includes starting the cluster: ~1 min on a quiet machine, minutes at load 20
 def test_joining_without_the_token_is_refused_with_advice(cluster, tmp_path):
     """A process joining with RAY_AUTH_MODE unset is refused; raeflow says how to pass the token (exit 2)."""
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
@@ -232,6 +237,8 @@ def test_joining_without_the_token_is_refused_with_advice(cluster, tmp_path):
     assert not (tmp_path / "refused").exists()  # refused before any run directory was made
 
 
+@pytest.mark.ray
+@pytest.mark.multinode
 @pytest.mark.timeout(240)
 def test_embed_job_submitted_to_the_cluster(cluster, single_node_run, tmp_path):
     """`ray job submit --working-dir .` ships the repository to the cluster; the job embeds every row."""
@@ -255,6 +262,8 @@ def test_embed_job_submitted_to_the_cluster(cluster, single_node_run, tmp_path):
     assert len(set(table.column("id").to_pylist())) == embedded
 
 
+@pytest.mark.ray
+@pytest.mark.multinode
 @pytest.mark.timeout(240)
 def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
     """`raeflow serve --address … --replicas 2`: a replica on each node, and both answer requests."""
@@ -302,6 +311,8 @@ def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.ray
+@pytest.mark.multinode
 @pytest.mark.timeout(300)
 def test_train_across_nodes_survives_losing_the_worker_node(cluster, single_node_run, tmp_path):
     """One training worker per node; the worker node is SIGKILLed after epoch 3: the group restarts from the
@@ -362,3 +373,18 @@ def _rows(out: Path) -> list[dict]:
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------- no cluster needed
+def test_cluster_yaml_turns_token_auth_on_on_every_node():
+    """cluster.yaml sets RAY_AUTH_MODE=token explicitly where each node's Ray starts, and copies one token to
+    every node (file_mounts reach the head and each worker the autoscaler adds) before it starts."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all(re.search(r"\bRAY_AUTH_MODE=token\b.*\bray start\b", c) for c in starts), key
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert any("chmod 600 ~/.ray/auth_token" in c for c in cfg["setup_commands"])
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
