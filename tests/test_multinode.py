@@ -25,10 +25,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +104,7 @@ class TwoNodeCluster:
         self.procs[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}",
              "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}", "--resources", json.dumps({name: 1}),
+             "--include-log-monitor=false",  # one Python process less per node: nothing here reads worker logs live
              *self._ports(), *args],
             env=self.node_env, stdout=open(path, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         return offset
@@ -195,15 +198,24 @@ class TwoNodeCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = TwoNodeCluster(tmp_path_factory.mktemp("two-nodes"))
+def cluster():
+    # A short root, not pytest's tmp_path: Ray's session sockets live under --temp-dir and an AF_UNIX path may
+    # not exceed 107 bytes (measured: under /tmp/pytest-of-root/pytest-N/… the dashboard's module sockets did).
+    root = Path(tempfile.mkdtemp(prefix="rf2n-"))
+    c = TwoNodeCluster(root)
     t0 = time.monotonic()
     try:
         c.start()
-        print(f"\ntwo-node cluster up in {time.monotonic() - t0:.0f} s at {c.address}")
+    except Exception as e:
+        c.stop()  # the Ray logs stay in root for a look
+        raise RuntimeError(f"the two-node cluster did not start (load average {os.getloadavg()[0]:.1f} on "
+                           f"{os.cpu_count()} CPUs; Ray logs in {root}): {e}") from None
+    print(f"\ntwo-node cluster up in {time.monotonic() - t0:.0f} s at {c.address}")
+    try:
         yield c
     finally:
         c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
