@@ -39,7 +39,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's ray / raeflow / python: the nodes and jobs must use the same
 NODE_CPUS = 3  # logical CPUs per node: two training workers (1 CPU each) plus one for Ray Data fit on either
-EPOCHS = 24
+EPOCHS = 16
 TRAIN_ARGS = ["--variant", "ae", "--dataset", "digits", "--epochs", str(EPOCHS), "--batch-size", "64",
               "--seed", "0", "--set", "train.threads=1"]
 
@@ -224,7 +224,7 @@ def single_node_run(tmp_path_factory) -> tuple[Path, float]:
     Returns (run directory, its final validation loss); its model is also what the embed and serve steps use."""
     out = tmp_path_factory.mktemp("single") / "ae-digits"
     r = subprocess.run([str(BIN / "raeflow"), "train", *TRAIN_ARGS, "--local", "-o", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+                       cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
@@ -251,14 +251,14 @@ def test_joining_without_the_token_is_refused_with_advice(cluster, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.multinode
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_embed_job_submitted_to_the_cluster(cluster, single_node_run, tmp_path):
     """`ray job submit --working-dir .` ships the repository to the cluster; the job embeds every row."""
     model, _ = single_node_run
     out = tmp_path / "emb"
     r = _run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
               "--", "python", "jobs/embed_mnist.py", "--model", str(model), "--output", str(out),
-              "--dataset", "digits", "--workers", "2"], cluster.env, timeout=200)
+              "--dataset", "digits", "--workers", "2"], cluster.env, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     m = re.search(r"rows in ([\d,]+) = embedded ([\d,]+) \+ errors ([\d,]+)", r.stdout)
     assert m, r.stdout[-4000:]
@@ -276,7 +276,7 @@ def test_embed_job_submitted_to_the_cluster(cluster, single_node_run, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.multinode
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
     """`raeflow serve --address … --replicas 2`: a replica on each node, and both answer requests."""
     import httpx
@@ -289,7 +289,7 @@ def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
                             env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
@@ -325,7 +325,7 @@ def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.multinode
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_train_across_nodes_survives_losing_the_worker_node(cluster, single_node_run, tmp_path):
     """One training worker per node; the worker node is SIGKILLed after epoch 3: the group restarts from the
     latest checkpoint on the head alone (2 workers, same global batch), each epoch is in metrics.jsonl once, and
@@ -339,7 +339,7 @@ def test_train_across_nodes_survives_losing_the_worker_node(cluster, single_node
                             start_new_session=True)
     killed_after = None
     try:
-        deadline = time.monotonic() + 200
+        deadline = time.monotonic() + 560
         while time.monotonic() < deadline and proc.poll() is None:
             rows = _rows(out)
             if len(rows) >= 3:
@@ -400,3 +400,30 @@ def test_cluster_yaml_turns_token_auth_on_on_every_node():
     assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert any("chmod 600 ~/.ray/auth_token" in c for c in cfg["setup_commands"])
     assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
+
+
+def test_auth_refusal_is_recognised_and_explained(monkeypatch):
+    """How Ray 2.60 reports a join without the token (a ConnectionError raised from an AuthenticationError
+    "InvalidAuthToken") is told apart from other connection failures, and the advice fits the mode in use."""
+    from raeflow import raycluster
+
+    class AuthenticationError(Exception):  # the name ray.exceptions uses; matched by name, as raycluster does
+        pass
+
+    try:
+        try:
+            raise AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+        except AuthenticationError as inner:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379") from inner
+    except ConnectionError as e:
+        refused = e
+    assert raycluster._auth_refused(refused)
+    assert not raycluster._auth_refused(ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379"))
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    msg = raycluster.auth_help("10.0.0.1:6379")
+    assert "RAY_AUTH_MODE is unset" in msg and "Set RAY_AUTH_MODE=token" in msg and "~/.ray/auth_token" in msg
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    msg = raycluster.auth_help("10.0.0.1:6379")
+    assert "refused this process's token" in msg and "RAY_AUTH_TOKEN_PATH" in msg
+    assert "disabled" not in msg.replace("RAY_AUTH_MODE is", "")  # never advises turning authentication off
