@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's ray / raeflow / python: the nodes and jobs must use the same
 NODE_CPUS = 3  # logical CPUs per node: two training workers (1 CPU each) plus one for Ray Data fit on either
 EPOCHS = 16
+# A small AE (64-128-k): the default hidden sizes make a 1.4M-parameter model, 10x slower per epoch here.
 TRAIN_ARGS = ["--variant", "ae", "--dataset", "digits", "--epochs", str(EPOCHS), "--batch-size", "64",
-              "--seed", "0", "--set", "train.threads=1"]
+              "--seed", "0", "--set", "train.threads=1", "--set", "model.hidden=[128]"]
 
 
 
@@ -302,7 +303,7 @@ def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
             pytest.fail("serve not healthy:\n" + (tmp_path / "serve.log").read_text()[-3000:])
         from raeflow.data.images import load_digits
 
-        x = load_digits("test").x[:4].reshape(4, -1).tolist()
+        x = load_digits("test").x[:4].reshape(4, 8, 8).tolist()  # (4, 8, 8) images in [0, 1]
         seen: dict[str, str] = {}
         with httpx.Client(base_url=url, timeout=30) as http:
             # Serve's router picks a replica per request (power of two choices): 2 replicas, each gets some of
