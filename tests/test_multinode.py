@@ -88,7 +88,12 @@ class TwoNodeCluster:
         # Measured here at load 16-20: the head's dashboard (needed by `ray job submit`) starts ~10 module
         # processes and gave up on one after its 30 s / 60 s defaults. Generous limits; the wait is bounded anyway.
         self.node_env.update({"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "120",
-                              "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "150"})
+                              "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "150",
+                              # Serve's proxy sends a request to a replica on its own node when there is one.
+                              # On real machines each node's proxy takes its share; here both nodes share one
+                              # host, only the head's proxy can hold the port, and (measured) it sent 1,102 of
+                              # 1,102 requests to its local replica while the other one ran. Route by load.
+                              "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"})
 
     # ------------------------------------------------------------------------------------------- nodes
     def _ports(self) -> list[str]:
@@ -319,7 +324,7 @@ def test_serve_one_replica_per_node(cluster, single_node_run, tmp_path):
                 assert len(r.json()["codes"]) == 4
                 answered += 1
                 time.sleep(0.1)
-        print(f"\nboth replicas answered after {answered} requests: {seen}")
+        print(f"\nreplicas that answered {answered} requests: {seen}")
         assert len(seen) == 2, seen  # two replicas answered ...
         assert set(seen.values()) == {cluster.node_ids["head"], cluster.node_ids["worker"]}, seen  # one per node
     finally:
