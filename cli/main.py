@@ -65,7 +65,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Shared checkpoint storage URI."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS); with "
+                                          "token authentication also RAY_AUTH_MODE=token and the cluster's token."),
     local: bool = typer.Option(False, "--local", help="Train in this process without Ray (debugging, baseline)."),
     track: List[str] = typer.Option([], "--track", help="Also log to mlflow | tensorboard (repeatable)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",

@@ -7,6 +7,7 @@ Locally (starts a Ray instance in this process):
 
 On a cluster (`ray up cluster.yaml`; model and output on storage every node sees):
 
+    export RAY_AUTH_MODE=token   # token authentication: the cluster's token in ~/.ray/auth_token (README)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/embed_20newsgroups.py --model /mnt/shared/ae-20ng --output /mnt/shared/emb-20ng
 
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
     ap.add_argument("--batch-size", type=int, default=None, help="rows per encoder call (default 1024 CPU / 4096 GPU)")
     ap.add_argument("--resume", action="store_true", help="finish an interrupted job in --output")
-    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance); "
+                    "with token authentication, RAY_AUTH_MODE=token and the cluster's token (inside `ray job "
+                    "submit` the job inherits both from its node)")
     args = ap.parse_args(argv)
 
     from raeflow.embed.job import run_embed  # imported after parsing: --help needs no Ray or torch

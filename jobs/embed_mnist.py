@@ -7,10 +7,12 @@ Locally (starts a Ray instance in this process):
 
 On a cluster (`ray up cluster.yaml`; model and output on storage every node sees):
 
+    export RAY_AUTH_MODE=token   # token authentication: the cluster's token in ~/.ray/auth_token (README)
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/embed_mnist.py --model /mnt/shared/ae-mnist --output /mnt/shared/emb-mnist --gpu
 
-Inside `ray job submit` the job joins the cluster (RAY_ADDRESS is set for it). Re-running with --resume after
+Inside `ray job submit` the job joins the cluster (RAY_ADDRESS is set for it, and RAY_AUTH_MODE and the token
+come from the node it runs on; tests/test_multinode.py submits it to a two-node cluster with token auth on). Re-running with --resume after
 an interruption finishes the job without duplicates. The output is a Parquet dataset (id `mnist:test:<i>`,
 embedding, label); search it with `raeflow search --embeddings OUT --model MODEL --query mnist:test:0`.
 """
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
     ap.add_argument("--batch-size", type=int, default=None, help="rows per encoder call (default 1024 CPU / 4096 GPU)")
     ap.add_argument("--resume", action="store_true", help="finish an interrupted job in --output")
-    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance); "
+                    "with token authentication, RAY_AUTH_MODE=token and the cluster's token (inside `ray job "
+                    "submit` the job inherits both from its node)")
     args = ap.parse_args(argv)
 
     from raeflow.embed.job import run_embed  # imported after parsing: --help needs no Ray or torch

@@ -47,6 +47,10 @@ class RayConfig:
     address: str | None = None  # an existing cluster ("auto" or ray://...); None: start a local Ray
     storage_path: str | None = None  # shared storage URI for checkpoints on a multi-node cluster
     max_failures: int = 1  # worker failures survived (restart from the latest checkpoint)
+    #: Ray placement group strategy for the worker group: PACK (Ray's default: fewest nodes, cheapest all-reduce)
+    #: or SPREAD (one worker per node while nodes have room: every worker gets a whole node's cores, and a group
+    #: restarted after losing a node packs onto the nodes left). STRICT_* would make a lost node fatal.
+    placement: str = "PACK"
     amp: bool = False  # GPU only: bfloat16 autocast
     compile: bool = False  # GPU only: torch.compile the model
 

@@ -83,9 +83,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except ConnectionError as e:
+            if _auth_refused(e):
+                raise ValueError(auth_help(address)) from e
+            raise
         res = ray.cluster_resources()
-        log(f"ray: joined cluster at {address} ({_fmt_resources(res)}, {len(ray.nodes())} node(s))")
+        log(f"ray: joined cluster at {address} ({_fmt_resources(res)}, {len(ray.nodes())} node(s), token "
+            f"authentication {'on' if auth_mode() == 'token' else 'off'})")
         return False
     for k, v in LOCAL_ONLY_ENV.items():
         os.environ.setdefault(k, v)
@@ -109,6 +115,43 @@ def shutdown_if_started(owner: str = "user") -> None:
         if ray.is_initialized():
             ray.shutdown()
         _started_by = None
+
+
+# ------------------------------------------------------------------------------------- token authentication
+#: Ray's switch for token authentication (Ray >= 2.52). It must be set the same on every node and on every
+#: process that connects: Ray 2.60 turns it on by itself only for a cluster that ``ray.init()`` starts locally
+#: (or ``ray start --head`` when a token file already exists), and a process joining an explicit address
+#: (``--address``, ``RAY_ADDRESS``) never turns it on by itself -- it would not send the token and is refused.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: Where a process finds the token, highest precedence first (Ray's token-authentication docs): the token
+#: itself, a file holding it, then the default file ``~/.ray/auth_token`` (``ray get-auth-token --generate``).
+AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def auth_mode() -> str:
+    """``token`` or ``disabled`` as this process would connect (an unset mode connects without a token)."""
+    return os.environ.get(AUTH_MODE_ENV, "disabled").lower()
+
+
+def auth_help(address: str) -> str:
+    where = (f"{AUTH_TOKEN_ENV}, {AUTH_TOKEN_PATH_ENV}=FILE or ~/.ray/auth_token "
+             "(copy the head's ~/.ray/auth_token, or `ray get-auth-token` on the head)")
+    if auth_mode() != "token":
+        return (f"the Ray cluster at {address} refused the connection: it has token authentication on and this "
+                f"process connected without a token ({AUTH_MODE_ENV} is {os.environ.get(AUTH_MODE_ENV, 'unset')})."
+                f" Set {AUTH_MODE_ENV}=token and give the cluster's token: {where}")
+    return (f"the Ray cluster at {address} refused this process's token ({AUTH_MODE_ENV}=token): give the "
+            f"cluster's own token through {where}")
+
+
+def _auth_refused(e: BaseException) -> bool:
+    """The connection failed because of token authentication (Ray raises ConnectionError from an
+    AuthenticationError "InvalidAuthToken")."""
+    while e is not None:
+        if type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _fmt_resources(res: dict[str, Any]) -> str:

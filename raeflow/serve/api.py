@@ -200,6 +200,10 @@ def build_app(backend: Backend) -> FastAPI:
     async def healthz():
         return {"status": "ok", "models": sorted(backend.services)}
 
+    @app.get("/replica", summary="Which replica answered, and on which Ray node (placement across a cluster)")
+    async def replica():
+        return getattr(backend, "placement", {"replica": None, "node": None})
+
     @app.get("/models", summary="The served models, their shapes and the endpoints each supports")
     async def models():
         return {"models": [backend.services[n].describe() for n in sorted(backend.services)],

@@ -41,6 +41,11 @@ class RaeflowIngress:
 
         load_indexes(config.get("indexes") or [], self.services)
         self.stats = Stats()
+        # GET /replica: on a cluster, which replica and node answered (tests/test_multinode.py checks the spread).
+        import ray
+
+        self.placement = {"replica": serve.get_replica_context().replica_id.unique_id,
+                          "node": ray.get_runtime_context().get_node_id()}
         self._batched.set_max_batch_size(opts.max_batch_size)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 

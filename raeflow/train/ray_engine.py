@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -45,6 +46,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, TrainingData
@@ -222,12 +224,15 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
     datasets = {"train": to_ray_dataset(data.train, blocks)}
     if data.val is not None:
         datasets["val"] = to_ray_dataset(data.val, 2 * workers)
-    relay_q = Queue(actor_options={"num_cpus": 0})
+    # Pinned to the driver's node (as Train pins its controller): placed on another node, losing that node would
+    # take every later metrics row with it.
+    relay_q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     fail_at = os.environ.get(FAIL_AT_EPOCH_ENV)
     loop_config = {
         "run": cfg.to_dict(), "variant": cfg.variant, "model_config": dict(model.config),
         "init_state": ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-        "per_worker_batch": per_worker_bs, "has_val": data.val is not None, "data_mode": mode,
+        "global_batch": per_worker_bs * workers, "has_val": data.val is not None, "data_mode": mode,
         "n_train": len(data.train), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
         "_fail_at_epoch": int(fail_at) if fail_at else None, "_fail_marker": os.environ.get(FAIL_MARKER_ENV),
     }
@@ -237,6 +242,7 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=split),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.gpu),
+                                     placement_strategy=_placement(cfg.ray.placement),
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.ray.gpu else {})}),
         run_config=RunConfig(
@@ -260,6 +266,13 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         ray.kill(relay_q.actor)
     log(f"ray train: fit {time.perf_counter() - t0:.1f}s")
     return _best_model_state(result)
+
+
+def _placement(strategy: str) -> str:
+    s = str(strategy).upper()
+    if s not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"ray.placement={strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    return s
 
 
 def _best_model_state(result) -> dict[str, torch.Tensor]:
@@ -364,7 +377,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         relay.put(("log", f"ray train: {world} worker(s), {threads} torch thread(s) each, device {device}"))
 
     shape = tuple(model.input_shape)
-    bs = int(config["per_worker_batch"])
+    # The global batch is the run's; each worker's share follows the size of *this* worker group, so a group
+    # restarted with another size (a lost node, an elastic resize) still steps on the same global batch.
+    bs = max(1, int(config["global_batch"]) // world)
+    node = ray.get_runtime_context().get_node_id()
+    relay.put(("log", f"ray train: rank {rank}/{world} on node {node[:12]} ({socket.gethostname()}), "
+                      f"{bs} rows per step"))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     if config["data_mode"] == "materialize":
@@ -428,12 +446,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def on_epoch_end(r: EpochResult) -> None:
         nonlocal restored_at
-        mine = (weights_digest(trainer.model), loop_cpu["s"])
+        mine = (weights_digest(trainer.model), loop_cpu["s"], node)
         gathered = [mine]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, mine)
-        digests = [d for d, _ in gathered]
+        digests = [d for d, _, _ in gathered]
         final_stage = r.stage == final_name
         sel = selection_value(r.metrics, r.selection_metric)
         metrics = {**r.metrics, "epoch": r.epoch, "stage": r.stage, "final_stage": final_stage,
@@ -451,8 +469,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{r.epoch:04d}")
         if rank == 0:
             row = metrics_row(r)
-            row.update(workers=world, steps=steps, weights_sha=digests, weights_in_sync=len(set(digests)) == 1,
-                       cpu_s=sum(c for _, c in gathered))
+            row.update(workers=world, steps=steps, batch_per_worker=bs, weights_sha=digests,
+                       weights_in_sync=len(set(digests)) == 1, cpu_s=sum(c for _, c, _ in gathered),
+                       nodes=[n for _, _, n in gathered])  # the Ray node id each rank ran this epoch on
             if restored_at is not None:
                 row["resumed_from"] = restored_at
                 restored_at = None
