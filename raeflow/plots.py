@@ -118,7 +118,7 @@ def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]
     if _is_image(model.input_shape) and hasattr(model, "reconstruct"):  # classifiers do not reconstruct
         reconstruction_grid(model, sample.x, run.plots / "reconstructions.png")
         made.append(run.plots / "reconstructions.png")
-        if model.has_prior and model.latent_dim == 2:
+        if "generate" in model.declared_capabilities() and model.latent_dim == 2:
             latent_grid(model, run.plots / "latent_grid.png")
             made.append(run.plots / "latent_grid.png")
     latent_scatter(model, sample.x, sample.y, run.plots / "latent.png")
