@@ -18,6 +18,7 @@ import torch
 
 from raeflow.data import ArrayDataset, known_datasets, load_eval_data, parse_spec
 from raeflow.io import load_model, model_dir, read_config, read_vectoriser
+from raeflow.models.capabilities import capabilities_of
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ TASKS: dict[str, Task] = {
     "probe": Task(probe, lambda m, d: d.y is not None and m.variant != "classifier", needs_train=True),
     "classify": Task(classify, lambda m, d: d.y is not None and hasattr(m, "predict")),
     "likelihood": Task(likelihood, lambda m, d: hasattr(m, "log_likelihood") and _is_image(m)),
-    "parzen": Task(parzen, lambda m, d: "generate" in m.declared_capabilities() and _is_image(m), needs_train=True),
+    "parzen": Task(parzen, lambda m, d: "generate" in capabilities_of(m) and _is_image(m), needs_train=True),
     "denoise": Task(denoise, lambda m, d: _is_image(m) and m.variant != "classifier"
                     and (getattr(m, "corruption", None) is not None or m.variant in ("dae", "cae", "sdae"))),
     "retrieval": Task(retrieval, lambda m, d: d.y is not None and m.variant != "classifier"),

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from raeflow.models.capabilities import capabilities_of  # noqa: E402
+
 
 def _is_image(shape) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
@@ -118,7 +120,7 @@ def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]
     if _is_image(model.input_shape) and hasattr(model, "reconstruct"):  # classifiers do not reconstruct
         reconstruction_grid(model, sample.x, run.plots / "reconstructions.png")
         made.append(run.plots / "reconstructions.png")
-        if "generate" in model.declared_capabilities() and model.latent_dim == 2:
+        if "generate" in capabilities_of(model) and model.latent_dim == 2:
             latent_grid(model, run.plots / "latent_grid.png")
             made.append(run.plots / "latent_grid.png")
     latent_scatter(model, sample.x, sample.y, run.plots / "latent.png")
