@@ -146,3 +146,19 @@ def test_pretraining_stages_momentum_schedule_and_resume_mid_pretraining():
     assert min(rest) == 4 and [rest[e]["momentum"] for e in (4, 5, 6)] == [0.9, 0.5, 0.9]
     for k, v in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_sdae_stack_pretrains_as_rbms_and_unrolls_into_its_layers(digits_batch):
+    from raeflow.models.sdae import StackedDAE
+
+    x = digits_batch[0]
+    torch.manual_seed(0)
+    model = StackedDAE(input_shape=(1, 8, 8), hidden=(24, 16), rbm={}).eval()
+    stages = model.stages(TrainPlan(stage_epochs={"rbm": 1, "finetune": 1}))
+    assert [s.name for s in stages] == ["rbm-1", "rbm-2", "finetune"] and stages[-1].supervised
+    assert "rbms" in stages[-1].frozen and "enc1" in stages[0].frozen and "rbms.rbm2" in stages[0].frozen
+    assert torch.isfinite(model(x, stage="rbm-2")["loss"])
+    model.enter_stage(stages[-1])
+    torch.testing.assert_close(model.encode(x), model.rbms.up(x.flatten(1), 2))
+    torch.testing.assert_close(torch.sigmoid(model._decode_raw(model.encode(x))),
+                               model.rbms.mean_field_reconstruction(x.flatten(1)))
