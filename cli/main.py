@@ -90,10 +90,10 @@ bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios (see BEN
 app.add_typer(bench_app, name="bench")
 
 from raeflow.cli import (bench_embed_cmd, bench_serve_cmd, bench_train_cmd, embed_cmd, eval_cmd,  # noqa: E402
-                         finetune_cmd, serve_cmd, showcase_cmd)
+                         finetune_cmd, serve_cmd, showcase_cmd, tune_cmd)
 
 for _module in (finetune_cmd, embed_cmd, serve_cmd, eval_cmd, showcase_cmd, bench_serve_cmd, bench_embed_cmd,
-                bench_train_cmd):
+                bench_train_cmd, tune_cmd):
     _module.register(app, bench_app)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,7 +77,8 @@ def threads_per_worker(workers: int, requested: int | None) -> int:
 
 
 def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bool,
-              log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+              log: Callable[[str], None] = print,
+              on_epoch: Callable[[EpochResult], None] | None = None) -> dict[str, torch.Tensor]:
     """Train in this process (no Ray); returns the selected (best) model state."""
     torch.set_num_threads(threads_per_worker(1, cfg.train.threads))
     seed_everything(cfg.train.seed)
@@ -119,6 +120,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
             save_checkpoint({"model": state["model"], "epoch": r.epoch}, run.checkpoints / "best")
         run.append_metrics(metrics_row(r))
         log(epoch_line(r, trainer.total_epochs))
+        if on_epoch is not None:
+            on_epoch(r)
 
     trainer.fit(train_batches, val_batches, len(batches), on_epoch_end)
     best = run.checkpoints / "best"
@@ -129,7 +132,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
 def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
           log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
-          data: TrainingData | None = None) -> TrainResult:
+          data: TrainingData | None = None,
+          on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
     """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
 
     ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
@@ -162,8 +166,10 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     log(f"{cfg.variant}: {sum(p.numel() for p in model.parameters()):,} parameters; data {data.train.name} "
         f"train {len(data.train):,} val {0 if data.val is None else len(data.val):,} shape {data.train.shape}")
     if local:
-        best_state = fit_local(cfg, model, data, run, resume, log)
+        best_state = fit_local(cfg, model, data, run, resume, log, on_epoch)
     else:
+        if on_epoch is not None:
+            raise ValueError("on_epoch is only called by in-process (local) training")
         from raeflow.train.ray_engine import fit_ray  # Ray is imported only on this path
 
         best_state = fit_ray(cfg, model, data, run, resume, log)
