@@ -162,3 +162,17 @@ def test_sdae_stack_pretrains_as_rbms_and_unrolls_into_its_layers(digits_batch):
     torch.testing.assert_close(model.encode(x), model.rbms.up(x.flatten(1), 2))
     torch.testing.assert_close(torch.sigmoid(model._decode_raw(model.encode(x))),
                                model.rbms.mean_field_reconstruction(x.flatten(1)))
+
+
+def test_sparse_init_gives_each_unit_k_nonzero_incoming_weights():
+    """Martens' initialisation, the no-pretraining baseline: K non-zero N(0,1) weights per unit, zero biases."""
+    torch.manual_seed(0)
+    model = DenseAE(input_shape=(1, 8, 8), latent_dim=4, hidden=(32, 8), activation="sigmoid", sparse_init=15)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6
+    for m in linears:
+        nonzero = (m.weight != 0).sum(1)  # (out,)
+        assert torch.equal(nonzero, torch.full_like(nonzero, min(15, m.in_features))), m
+        assert torch.count_nonzero(m.bias) == 0
+    w = torch.cat([m.weight.detach()[m.weight != 0] for m in linears])
+    assert 0.8 < float(w.std()) < 1.2  # N(0, 1), not a scaled default init

@@ -141,6 +141,8 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     describes what is trained); ``data`` is data already prepared (there: with the encoder's vectoriser).
     """
     t0 = time.perf_counter()
+    if on_epoch is not None and not local:
+        raise ValueError("on_epoch is only called by in-process (local) training")
     if resume:
         if not cfg.output:
             raise ValueError("--resume needs --output: the run directory to continue")
@@ -168,8 +170,6 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     if local:
         best_state = fit_local(cfg, model, data, run, resume, log, on_epoch)
     else:
-        if on_epoch is not None:
-            raise ValueError("on_epoch is only called by in-process (local) training")
         from raeflow.train.ray_engine import fit_ray  # Ray is imported only on this path
 
         best_state = fit_ray(cfg, model, data, run, resume, log)
