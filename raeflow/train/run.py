@@ -154,6 +154,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                                   weighting=cfg.data.weighting)
     if model is None:
+        seed_everything(cfg.train.seed)  # the initial weights too follow train.seed (not only the batches)
         model = build_model(cfg.variant, **model_config(cfg, data))  # fails on a bad config before any directory
     else:
         cfg.variant, cfg.model = model.variant, dict(model.config)
