@@ -25,13 +25,36 @@ Shape = tuple[int, ...]
 
 
 @dataclass
+class OptimSpec:
+    """An optimiser a model's recipe fixes for one phase, in place of the run config's (RBM pretraining is
+    Hinton's SGD with a momentum schedule whatever the fine-tuning uses). The trainer honours it generically."""
+
+    kind: str = "sgd"  # adam | adamw | sgd
+    lr: float = 0.1  # absolute: not scaled by the run's lr
+    #: SGD momentum as steps ``(from epoch of the stage, momentum)``; Hinton's RBMs: ((0, 0.5), (5, 0.9))
+    momentum: Sequence[tuple[int, float]] = ((0, 0.9),)
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | cosine | onecycle | step, as the run config's
+
+    def momentum_at(self, epoch_in_stage: int) -> float:
+        """The momentum of the step that starts at or before ``epoch_in_stage`` (0-based)."""
+        m = self.momentum[0][1]
+        for start, value in self.momentum:
+            if epoch_in_stage >= start:
+                m = value
+        return float(m)
+
+
+@dataclass
 class Phase:
-    """One optimiser step per batch. ``modules`` names the attributes whose parameters it updates (empty: all
-    trainable parameters); ``lr_scale`` multiplies the run's learning rate (AAE's discriminator, say)."""
+    """One optimiser step per batch. ``modules`` names the sub-modules whose parameters it updates (empty: all
+    trainable parameters; dotted paths such as ``rbms.rbm1`` reach nested ones); ``lr_scale`` multiplies the
+    run's learning rate (AAE's discriminator, say); ``optim``, when set, replaces the run's optimiser settings."""
 
     name: str
     modules: Sequence[str] = ()
     lr_scale: float = 1.0
+    optim: OptimSpec | None = None
 
 
 @dataclass
@@ -115,10 +138,6 @@ class Autoencoder(nn.Module):
         """Inputs and outputs are intensities in [0, 1]; False for a linear decoder (any finite value)."""
         return self.loss_kind != "mse_linear"
 
-    def enter_stage(self, stage: Stage) -> None:
-        """Called by the trainer as each stage starts (and again when a resumed run re-enters it), after the
-        stage's ``frozen`` modules are frozen and before its optimisers are built. Default: nothing."""
-
     @property
     def input_dim(self) -> int:
         n = 1
@@ -159,6 +178,12 @@ class Autoencoder(nn.Module):
     def stages(self, plan: TrainPlan) -> list[Stage]:
         return [Stage("train", plan.epochs)]
 
+    def enter_stage(self, stage: Stage, fresh: bool = True) -> None:
+        """Called by the trainer on entering ``stage``, after freezing and before building its optimisers.
+        ``fresh`` is False when a resumed run re-enters a stage it had started (its weights come from the
+        checkpoint and must not be re-initialised). Default: nothing. RBM-pretrained models unroll their RBMs
+        into the autoencoder here at the start of fine-tuning."""
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, stage: str = "train",
                 phase: str = "main") -> dict[str, torch.Tensor]:
         """Loss terms for one batch. The default: reconstruct a (possibly corrupted) input, score the clean one."""
@@ -193,7 +218,7 @@ class Autoencoder(nn.Module):
 def parameters_of(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Parameter]:
     """Trainable parameters of the named sub-modules (all trainable parameters when ``names`` is empty)."""
     names = list(names)
-    mods = [model] if not names else [getattr(model, n) for n in names]
+    mods = [model] if not names else [model.get_submodule(n) for n in names]
     seen: set[int] = set()
     for m in mods:
         for p in m.parameters():

@@ -98,7 +98,7 @@ class Classifier(nn.Module):
     #: a classifier's inputs are what its base autoencoder took; images in [0, 1]
     bounded = True
 
-    def enter_stage(self, stage: Stage) -> None:
+    def enter_stage(self, stage: Stage, fresh: bool = True) -> None:
         """The trainer's stage hook (see ``Autoencoder.enter_stage``): nothing to do for a classifier."""
 
     @classmethod

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from raeflow.models import capabilities as cap
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.classifier import classification_terms
+from raeflow.models.rbm import BERNOULLI, RBMSettings, RBMStack
 from raeflow.registry import register_model
 
 #: Vincent et al.'s MNIST setting: each input zeroed with probability 0.25.
@@ -33,6 +34,9 @@ class StackedDAE(Autoencoder):
 
     ``latent_dim``, when given, is the width of the top layer (the code) and replaces ``hidden[-1]``; by default
     the code is ``hidden[-1]``. ``corruption=None`` turns the denoising off (plain stacked autoencoders).
+    ``rbm`` (settings of :class:`raeflow.models.rbm.RBMSettings`; ``{}``: Hinton's) pretrains the stack as RBMs
+    instead (stages ``rbm-1`` .. ``rbm-n``, ``train.stage_epochs.rbm`` epochs each: a deep belief net's greedy
+    pretraining), copied into the layers when fine-tuning starts.
     """
 
     #: its fine-tuning stage trains a softmax head on the codes, so it classifies as well as reconstructs
@@ -41,7 +45,7 @@ class StackedDAE(Autoencoder):
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),
                  num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
-                 corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0):
+                 corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0, rbm: dict | None = None):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         widths = [int(h) for h in hidden]
@@ -63,6 +67,10 @@ class StackedDAE(Autoencoder):
             setattr(self, f"enc{k}", nn.Sequential(nn.Linear(self.sizes[k - 1], self.sizes[k]), nn.Sigmoid()))
             setattr(self, f"dec{k}", nn.Linear(self.sizes[k], self.sizes[k - 1]))
         self.head = nn.Linear(self.sizes[-1], self.num_classes)  # (B, hn) -> (B, classes) logits
+        settings = RBMSettings.from_config(rbm)
+        if settings is not None:
+            self.rbms = RBMStack(self.sizes, BERNOULLI, settings)  # sigmoid layers: Bernoulli hidden units
+        self.rbm = rbm
 
     # ------------------------------------------------------------------------------------------ plan
     def _names(self, prefix: str) -> list[str]:
@@ -71,6 +79,11 @@ class StackedDAE(Autoencoder):
     def stages(self, plan: TrainPlan) -> list[Stage]:
         everything = [*self._names("enc"), *self._names("dec"), "head"]
         out = []
+        if self.rbm is not None:
+            out = self.rbms.stages("rbms", plan.epochs_for("rbm"), frozen_besides=everything)
+            tuned = [*self._names("enc"), "head"]
+            return [*out, Stage("finetune", plan.epochs_for("finetune"), phases=[Phase("main", modules=tuned)],
+                                supervised=True, frozen=[*self._names("dec"), "rbms"])]
         pre = plan.epochs_for("pretrain")
         if pre > 0:  # pretrain=0: the randomly initialised baseline of the paper's comparison
             for k in range(1, self.num_layers + 1):
@@ -81,6 +94,13 @@ class StackedDAE(Autoencoder):
         out.append(Stage("finetune", plan.epochs_for("finetune"), phases=[Phase("main", modules=tuned)],
                          supervised=True, frozen=self._names("dec")))
         return out
+
+    def enter_stage(self, stage: Stage, fresh: bool = True) -> None:
+        if self.rbm is not None and stage.name == "finetune" and fresh:
+            n = self.num_layers
+            decoders = [getattr(self, f"dec{k}") for k in range(n, 0, -1)]  # from the code outwards
+            self.rbms.unroll_into([getattr(self, f"enc{k}")[0] for k in range(1, n + 1)],
+                                  [d.weight for d in decoders], [d.bias for d in decoders])
 
     # ------------------------------------------------------------------------------------------ layers
     def _hidden(self, x: torch.Tensor, upto: int, dropout: float = 0.0) -> torch.Tensor:
@@ -119,6 +139,8 @@ class StackedDAE(Autoencoder):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, stage: str = "finetune",
                 phase: str = "main") -> dict[str, torch.Tensor]:
+        if stage.startswith("rbm-") and self.rbm is not None:
+            return self.rbms.terms(stage, x)
         if stage.startswith("pretrain-"):
             k = int(stage.rsplit("-", 1)[1])
             if not 1 <= k <= self.num_layers:

@@ -6,6 +6,7 @@ summed across workers, and what happens at the end of each epoch (write metrics,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -67,13 +68,14 @@ def selection_value(metrics: dict[str, Any], name: str) -> float:
     return float(metrics.get(name, metrics.get(name.replace("val_", "train_"), math.nan)))
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
 
 
@@ -196,10 +198,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- training
     def _enter_stage(self, stage: Stage, steps_per_epoch: int) -> None:
-        frozen = {id(p) for n in stage.frozen for p in getattr(self.model, n).parameters()}
+        frozen = {id(p) for n in stage.frozen for p in self.model.get_submodule(n).parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
-        self.model.enter_stage(stage)  # the model's documented hook (a no-op unless it overrides it)
+        self.model.enter_stage(stage, fresh=self.progress.epoch_in_stage == 0)
         self.optimizers, self.schedulers = {}, {}
         if stage.closed_form:
             self.wrapped = self.model
@@ -212,13 +214,26 @@ class Trainer:
                 raise ValueError(f"{self.model.variant}: phase {ph.name!r} of stage {stage.name!r} has no "
                                  "trainable parameters")
             key = f"{stage.name}/{ph.name}"
-            opt = make_optimizer(params, self.cfg, self.cfg.lr * ph.lr_scale)
-            sched = make_scheduler(opt, self.cfg, stage.epochs, steps_per_epoch)
+            if ph.optim is None:
+                opt = make_optimizer(params, self.cfg, self.cfg.lr * ph.lr_scale)
+                sched = make_scheduler(opt, self.cfg, stage.epochs, steps_per_epoch)
+            else:  # the model's recipe fixes this phase's optimiser
+                o = ph.optim
+                cfg = dataclasses.replace(self.cfg, optimizer=o.kind, weight_decay=o.weight_decay, schedule=o.schedule)
+                opt = make_optimizer(params, cfg, o.lr, momentum=o.momentum_at(self.progress.epoch_in_stage))
+                sched = make_scheduler(opt, cfg, stage.epochs, steps_per_epoch)
             if self._restored is not None and key in self._restored["optimizers"]:
                 opt.load_state_dict(self._restored["optimizers"][key])
                 if sched is not None and key in self._restored["schedulers"]:
                     sched.load_state_dict(self._restored["schedulers"][key])
             self.optimizers[key], self.schedulers[key] = opt, sched
+
+    def _set_momentum(self, stage: Stage) -> None:
+        """Phases whose declared optimiser has a momentum schedule get this epoch's momentum (SGD only)."""
+        for ph in stage.phases:
+            if ph.optim is not None and ph.optim.kind == "sgd" and not stage.closed_form:
+                for g in self.optimizers[f"{stage.name}/{ph.name}"].param_groups:
+                    g["momentum"] = ph.optim.momentum_at(self.progress.epoch_in_stage)
 
     def _step(self, stage: Stage, ph: Phase, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         key = f"{stage.name}/{ph.name}"
@@ -275,6 +290,7 @@ class Trainer:
             self._enter_stage(stage, steps_per_epoch)
             while p.epoch_in_stage < stage.epochs:
                 t0 = time.perf_counter()
+                self._set_momentum(stage)
                 self.model.train()
                 sums: dict[str, float] = {}
                 seen = 0

@@ -57,7 +57,8 @@ def _init_params(variant: str) -> set[str]:
 
 
 def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bool,
-              log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+              log: Callable[[str], None] = print,
+              on_epoch: Callable[[EpochResult], None] | None = None) -> dict[str, torch.Tensor]:
     """Train in this process (no Ray); returns the selected (best) model state."""
     torch.set_num_threads(threads_per_worker(1, cfg.train.threads))
     seed_everything(cfg.train.seed)
@@ -99,6 +100,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
             save_checkpoint({"model": state["model"], "epoch": r.epoch}, run.checkpoints / "best")
         run.append_metrics(metrics_row(r))
         log(epoch_line(r, trainer.total_epochs))
+        if on_epoch is not None:
+            on_epoch(r)
 
     trainer.fit(train_batches, val_batches, len(batches), on_epoch_end)
     best = run.checkpoints / "best"
@@ -109,7 +112,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
 def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
           log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
-          data: TrainingData | None = None, parent_run_id: str | None = None) -> TrainResult:
+          data: TrainingData | None = None, parent_run_id: str | None = None,
+          on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
     """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
 
     ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
@@ -118,6 +122,8 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     ``parent_run_id`` nests this run's MLflow run under another (finetune: under the encoder's run).
     """
     t0 = time.perf_counter()
+    if on_epoch is not None and not local:
+        raise ValueError("on_epoch is only called by in-process (local) training")
     if resume:
         if not cfg.output:
             raise ValueError("--resume needs --output: the run directory to continue")
@@ -129,6 +135,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                                   weighting=cfg.data.weighting)
     if model is None:
+        seed_everything(cfg.train.seed)  # the initial weights too follow train.seed (not only the batches)
         model = build_model(cfg.variant, **model_config(cfg, data))  # fails on a bad config before any directory
     else:
         cfg.variant, cfg.model = model.variant, dict(model.config)
@@ -146,7 +153,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     log(f"{cfg.variant}: {sum(p.numel() for p in model.parameters()):,} parameters; data {data.train.name} "
         f"train {len(data.train):,} val {0 if data.val is None else len(data.val):,} shape {data.train.shape}")
     if local:
-        best_state = fit_local(cfg, model, data, run, resume, log)
+        best_state = fit_local(cfg, model, data, run, resume, log, on_epoch)
     else:
         from raeflow.train.ray_engine import fit_ray  # Ray is imported only on this path
 

@@ -1,0 +1,271 @@
+"""``raeflow tune``: hyperparameter search over a run config, on Ray Tune.
+
+Each trial is an ordinary raeflow run (its own run directory with run.yaml, metrics, checkpoints, plots, model;
+``raeflow train --resume -o DIR`` continues it) trained in-process inside the trial's Tune actor. Not a nested
+Ray Train ``TorchTrainer``: that needs CPUs for its own worker group besides the trial's, and on two CPUs the
+nested form hangs (REFERENCE.md). Trials take a fraction of a CPU and one torch thread each.
+
+Selection is on a validation metric only (``val_...``): the test split is for the final report, never for
+choosing. Every epoch is reported to Tune, so an ASHA scheduler can stop poor trials early. The search writes
+``DIR/trials.csv``, ``DIR/trials.md`` and ``DIR/best.yaml`` (the base config with the chosen values).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from raeflow.config import RunConfig, _number
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid")
+_DIST = re.compile(r"^\s*(choice|uniform|loguniform|grid)\s*\((.*)\)\s*$", re.S)
+
+
+@dataclass
+class Dist:
+    """One axis of the search: ``choice(a, b)``, ``uniform(lo, hi)``, ``loguniform(lo, hi)``, ``grid(a, b)``."""
+
+    kind: str
+    args: list[Any]
+
+    @classmethod
+    def parse(cls, text: str) -> "Dist":
+        m = _DIST.match(text)
+        if not m:
+            raise ValueError(f"cannot read {text!r} as a distribution; use one of "
+                             f"{', '.join(d + '(...)' for d in DISTRIBUTIONS)}")
+        kind, inner = m.group(1), m.group(2)
+        args = [_number(a) for a in (yaml.safe_load(f"[{inner}]") or [])]  # YAML: 1e-3, [500, 250], 'relu'
+        if not args:
+            raise ValueError(f"{kind}() needs values")
+        if kind in ("uniform", "loguniform"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
+                raise ValueError(f"{kind}(lo, hi) takes two numbers lo < hi; got {text!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"loguniform needs lo > 0; got {text!r}")
+        return cls(kind, args)
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(self.args)
+        if self.kind == "grid":
+            return tune.grid_search(self.args)
+        if self.kind == "uniform":
+            return tune.uniform(float(self.args[0]), float(self.args[1]))
+        return tune.loguniform(float(self.args[0]), float(self.args[1]))
+
+
+def parse_space(assignments: list[str]) -> dict[str, Dist]:
+    """``["train.lr=loguniform(1e-4, 1e-2)", ...]`` -> {"train.lr": Dist}."""
+    space: dict[str, Dist] = {}
+    for a in assignments:
+        if "=" not in a:
+            raise ValueError(f"--space takes KEY=DIST, got {a!r}")
+        key, dist = a.split("=", 1)
+        key = key.strip()
+        if key in space:
+            raise ValueError(f"--space {key} given twice")
+        space[key] = Dist.parse(dist)
+    if not space:
+        raise ValueError("give at least one --space KEY=DIST")
+    return space
+
+
+def apply(base: dict[str, Any], values: dict[str, Any]) -> RunConfig:
+    """The base config (a RunConfig dict) with the dotted keys set to ``values`` (raises on unknown keys)."""
+    d = copy.deepcopy(base)
+    for key, value in values.items():
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ValueError(f"--space {key}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return RunConfig.from_dict(d)
+
+
+@dataclass
+class TrialRow:
+    trial: str
+    values: dict[str, Any]
+    best: float  # the metric's best value over the trial's epochs
+    best_epoch: int
+    epochs: int  # epochs it ran
+    planned: int  # epochs it would have run without the scheduler stopping it
+    run_dir: str
+    error: str = ""
+
+    @property
+    def stopped_early(self) -> bool:
+        return not self.error and self.epochs < self.planned
+
+
+@dataclass
+class TuneResult:
+    metric: str
+    mode: str
+    rows: list[TrialRow]
+    best: TrialRow
+    best_config: RunConfig
+    output: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str) -> None:
+    """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune."""
+    import torch
+    from ray import tune
+
+    from raeflow.train.run import train
+
+    torch.set_num_threads(1)
+    ctx = tune.get_context()
+    cfg = apply(base, config)
+    cfg.train.threads = 1  # a fraction of a CPU each: one torch thread, or trials fight over the cores
+    cfg.output = str(Path(root) / "trials" / ctx.get_trial_id())
+    log_path = Path(root) / "logs" / f"{ctx.get_trial_id()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logf = log_path.open("a")
+
+    def log(line: str) -> None:
+        logf.write(line + "\n")
+        logf.flush()
+
+    def on_epoch(r) -> None:
+        if metric not in r.metrics:
+            raise ValueError(f"metric {metric!r} is not among this run's metrics {sorted(r.metrics)}")
+        tune.report({metric: float(r.metrics[metric]), "epoch": r.epoch, "stage": r.stage,
+                     "run_dir": cfg.output})
+
+    try:
+        train(cfg, local=True, log=log, on_epoch=on_epoch)
+    finally:
+        logf.close()
+
+
+def planned_epochs(cfg: RunConfig) -> int:
+    """Epochs a run of ``cfg`` trains when nothing stops it (the sum over its model's stages)."""
+    from raeflow.data import load_training_data
+    from raeflow.models.base import TrainPlan
+    from raeflow.registry import build_model
+    from raeflow.train.run import model_config
+
+    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                              weighting=cfg.data.weighting)
+    model = build_model(cfg.variant, **model_config(cfg, data))
+    return sum(s.epochs for s in model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs))))
+
+
+def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str = "min", trials: int | None = None,
+              scheduler: str | None = None, grace_epochs: int = 1, cpus_per_trial: float = 0.5,
+              max_concurrent: int | None = None, output: str | Path, address: str | None = None,
+              log: Callable[[str], None] = print) -> TuneResult:
+    """Search ``space`` around ``base``; every trial is an in-process raeflow run under ``output/trials/``."""
+    if not metric.startswith("val_"):
+        raise ValueError(f"--metric must be a validation metric (val_...), not {metric!r}: selecting on the "
+                         "training or test split would report a biased figure")
+    if mode not in ("min", "max"):
+        raise ValueError(f"--mode is min or max, not {mode!r}")
+    if scheduler not in (None, "asha"):
+        raise ValueError(f"unknown scheduler {scheduler!r}; use asha (or none)")
+    if not 0 < cpus_per_trial:
+        raise ValueError("--cpus-per-trial must be positive")
+    out = Path(output).resolve()
+    if (out / "trials.csv").exists():
+        raise FileExistsError(f"{out} already holds a search (trials.csv); choose another --output")
+    base_dict = base.to_dict()
+    base_dict["output"] = None
+    # Every axis must land on a real config key: try each with its first value before starting anything.
+    probe = {k: d.args[0] for k, d in space.items()}
+    planned = planned_epochs(apply(base_dict, probe))
+    has_grid = any(d.kind == "grid" for d in space.values())
+    num_samples = trials if trials is not None else (1 if has_grid else 8)
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raeflow import raycluster
+
+    raycluster.ensure_ray(address, owner="tune", log=log)
+    try:
+        sched = None
+        if scheduler == "asha":
+            # One training iteration = one epoch; rungs at grace, grace*2, ... up to the full plan.
+            sched = ASHAScheduler(time_attr="training_iteration", max_t=planned, grace_period=grace_epochs,
+                                  reduction_factor=2)
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, root=str(out), metric=metric),
+                                        {"cpu": cpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: d.to_tune() for k, d in space.items()},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=sched,
+                                        max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name="ray-tune", storage_path=str(out), verbose=0),
+        )
+        grid = tuner.fit()
+    finally:
+        raycluster.shutdown_if_started("tune")
+
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        trial_id = r.metrics.get("trial_id", "") if r.metrics else ""
+        values = {k: r.config[k] for k in space}
+        if df is None or metric not in df or df[metric].dropna().empty:
+            rows.append(TrialRow(trial_id, values, math.nan, -1, 0, planned, "", str(r.error or "no metric")))
+            continue
+        series = df[metric]
+        i = series.idxmin() if mode == "min" else series.idxmax()
+        rows.append(TrialRow(str(df["trial_id"].iloc[0]), values, float(series[i]), int(df["epoch"][i]), len(df),
+                             planned, str(df["run_dir"].iloc[0]), str(r.error or "")))
+    ok = [r for r in rows if math.isfinite(r.best)]
+    if not ok:
+        raise RuntimeError(f"no trial reported {metric}; see {out / 'logs'}")
+    best = (min if mode == "min" else max)(ok, key=lambda r: r.best)
+    best_cfg = apply(base_dict, best.values)
+    best_cfg.output = None
+    files = write_reports(out, rows, best, best_cfg, metric, mode)
+    log(f"best of {len(rows)} trials: {metric}={best.best:.6g} at epoch {best.best_epoch} with "
+        + ", ".join(f"{k}={v}" for k, v in best.values.items()) + f"  (run {best.run_dir})")
+    return TuneResult(metric, mode, rows, best, best_cfg, out, files)
+
+
+def write_reports(out: Path, rows: list[TrialRow], best: TrialRow, best_cfg: RunConfig, metric: str,
+                  mode: str) -> list[Path]:
+    keys = list(best.values)
+    order = sorted(rows, key=lambda r: (not math.isfinite(r.best), r.best if mode == "min" else -r.best))
+    header = ["trial", *keys, f"best_{metric}", "best_epoch", "epochs", "planned_epochs", "stopped_early",
+              "run_dir", "error"]
+    csv_path = out / "trials.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in order:
+            w.writerow([r.trial, *[r.values[k] for k in keys], r.best, r.best_epoch, r.epochs, r.planned,
+                        r.stopped_early, r.run_dir, r.error])
+    md = [f"# raeflow tune: {len(rows)} trials, selected by {metric} ({mode})", "",
+          "| " + " | ".join(["trial", *keys, metric, "epoch", "epochs run"]) + " |",
+          "|" + "---|" * (len(keys) + 4)]
+    for r in order:
+        mark = " **(best)**" if r is best else ""
+        ran = f"{r.epochs}/{r.planned}" + (" (stopped by scheduler)" if r.stopped_early else "")
+        md.append("| " + " | ".join([r.trial + mark, *[str(r.values[k]) for k in keys], f"{r.best:.6g}",
+                                     str(r.best_epoch), ran]) + " |")
+    md += ["", f"best.yaml: the base config with {', '.join(f'{k}={best.values[k]}' for k in keys)}; "
+           f"each trial's run directory is under trials/."]
+    md_path = out / "trials.md"
+    md_path.write_text("\n".join(md) + "\n")
+    best_path = out / "best.yaml"
+    best_cfg.save(best_path)
+    return [csv_path, md_path, best_path]

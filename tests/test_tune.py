@@ -1,0 +1,80 @@
+"""`raeflow tune` on Ray Tune: search-space parsing, a grid that must find a planted best value, ASHA stopping."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from raeflow.config import RunConfig
+from raeflow.tune import Dist, apply, parse_space, tune_runs
+
+
+def _base(**train) -> RunConfig:
+    cfg = RunConfig(variant="ae", model={"hidden": [32], "latent_dim": 8})
+    cfg.data.dataset = "digits"
+    cfg.train.epochs = 3
+    cfg.train.batch_size = 64
+    cfg.train.lr = 1e-2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_space_parsing_and_refusals(tmp_path):
+    space = parse_space(["train.lr=loguniform(1e-4, 1e-2)", "model.hidden=choice([64], [128, 32])",
+                         "train.batch_size=grid(32, 64)", "train.weight_decay=uniform(0, 1e-3)"])
+    assert space["train.lr"] == Dist("loguniform", [1e-4, 1e-2])
+    assert space["model.hidden"].args == [[64], [128, 32]]
+    assert space["train.batch_size"] == Dist("grid", [32, 64])
+    cfg = apply(_base().to_dict(), {"train.lr": 0.003, "model.hidden": [128, 32]})
+    assert cfg.train.lr == 0.003 and cfg.model["hidden"] == [128, 32] and cfg.model["latent_dim"] == 8
+    for bad, match in [("train.lr=normal(0,1)", "distribution"), ("train.lr=uniform(2, 1)", "lo < hi"),
+                       ("train.lr=loguniform(0, 1)", "lo > 0"), ("train.lr", "KEY=DIST"), ("x=choice()", "values")]:
+        with pytest.raises(ValueError, match=match):
+            parse_space([bad])
+    with pytest.raises(ValueError, match="unknown keys in 'train'"):
+        apply(_base().to_dict(), {"train.learning_rate": 0.1})
+    # Selection never looks at anything but a validation metric (no Ray is started for these refusals).
+    with pytest.raises(ValueError, match="validation metric"):
+        tune_runs(_base(), space, metric="test_loss", output=tmp_path / "t")
+    with pytest.raises(ValueError, match="validation metric"):
+        tune_runs(_base(), space, metric="train_loss", output=tmp_path / "t")
+
+
+@pytest.mark.ray
+def test_grid_on_digits_picks_the_planted_best_code_size(ray_local, tmp_path):
+    """Four trials at once (0.5 CPU each): a wider code reconstructs digits better, so the 16-d code must win."""
+    out = tmp_path / "search"
+    res = tune_runs(_base(), parse_space(["model.latent_dim=grid(1, 2, 4, 16)"]), metric="val_loss", mode="min",
+                    output=out, log=lambda s: None)
+    assert res.best.values == {"model.latent_dim": 16}
+    by_dim = {r.values["model.latent_dim"]: r for r in res.rows}
+    assert sorted(by_dim) == [1, 2, 4, 16]
+    losses = [by_dim[k].best for k in (1, 2, 4, 16)]
+    assert losses == sorted(losses, reverse=True), losses  # monotone: the planted ordering came out
+    with (out / "trials.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and table[0]["model.latent_dim"] == "16" and all(r["epochs"] == "3" for r in table)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model"] == {"hidden": [32], "latent_dim": 16} and best["train"]["lr"] == 1e-2
+    assert "(best)" in (out / "trials.md").read_text()
+    # Each trial is an ordinary raeflow run: its own run.yaml with its value, metrics per epoch, a saved model.
+    for dim, r in by_dim.items():
+        run = yaml.safe_load((tmp_path / "search" / "trials" / r.trial / "run.yaml").read_text())
+        assert run["model"]["latent_dim"] == dim and run["train"]["threads"] == 1
+        assert len((tmp_path / "search" / "trials" / r.trial / "metrics.jsonl").read_text().splitlines()) == 3
+        assert (tmp_path / "search" / "trials" / r.trial / "model").is_dir()
+
+
+@pytest.mark.ray
+def test_asha_stops_poor_trials_early(ray_local, tmp_path):
+    """One trial at a time, the good learning rate first: ASHA compares each later trial at the epoch-1 and
+    epoch-2 rungs with what came before and stops the ones that learn too slowly."""
+    res = tune_runs(_base(epochs=4), parse_space(["train.lr=grid(1e-2, 1e-5, 3e-6, 1e-6)"]), metric="val_loss",
+                    scheduler="asha", max_concurrent=1, output=tmp_path / "asha", log=lambda s: None)
+    by_lr = {r.values["train.lr"]: r for r in res.rows}
+    assert res.best.values == {"train.lr": 1e-2} and by_lr[1e-2].epochs == 4
+    stopped = [lr for lr, r in by_lr.items() if r.stopped_early]
+    assert len(stopped) >= 2 and 1e-2 not in stopped, {lr: r.epochs for lr, r in by_lr.items()}
+    assert all(r.planned == 4 for r in res.rows)
