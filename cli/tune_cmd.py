@@ -28,7 +28,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Search hyperparameters with Ray Tune; each trial is an ordinary raeflow run trained in-process."""
         from raeflow.cli.common import build_run_config
-        from raeflow.cli.main import USER_ERRORS, _fail
+        from raeflow.cli.errors import USER_ERRORS, fail
         from raeflow.tune import parse_space, tune_runs
 
         try:
@@ -37,4 +37,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                       grace_epochs=grace, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
                       output=output, address=address, log=typer.echo)
         except USER_ERRORS as e:
-            _fail(e)
+            fail(e)
