@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from raeflow.version import __version__
-from raeflow.cli.errors import USER_ERRORS, fail
+from raeflow.cli.errors import fail
 
 app = typer.Typer(help="Train, run and serve the autoencoder family on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -22,7 +22,10 @@ def _version(value: bool):
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
-    pass
+    # Before any subcommand can import Ray: Ray reads part of its environment once, at its first import.
+    from raeflow.raycluster import apply_env
+
+    apply_env()
 
 
 @app.command()
@@ -74,7 +77,7 @@ def train(
                                epochs=epochs, batch_size=batch_size, lr=lr, latent_dim=latent_dim, output=output,
                                seed=seed, storage_path=storage_path, address=address)
         run_train(cfg, resume=resume, local=local)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
         fail(e)
 
 

@@ -60,7 +60,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         stop: bool = typer.Option(False, "--stop", help="Stop a detached server (the one on --port if given)."),
     ):
         """Serve models over HTTP with Ray Serve: /healthz, /models, /docs and /{model}/{endpoint}."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.serve import run
 
         try:
@@ -81,5 +81,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 run.detach(spec, log=typer.echo)
             else:
                 run.serve_forever(spec, log=typer.echo)
-        except (*USER_ERRORS, TimeoutError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)

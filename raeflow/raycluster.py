@@ -1,7 +1,7 @@
 """Starting or joining Ray, the same way for ``train``, ``embed`` and ``serve``.
 
 ``--address auto`` / ``ray://…`` (or ``RAY_ADDRESS``) joins an existing cluster; otherwise a local Ray instance
-is started in this process with settings measured to work on small shared machines (see REFERENCE.md): no
+is started in this process with settings measured to work on small shared machines (a 2-core, 24 GiB VM): no
 dashboard (halves the start time and memory), a bounded object store, no usage-stats upload, no per-line
 print patching in Train workers, no Ray Data progress bars, and every socket on 127.0.0.1.
 
@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from raeflow.errors import ConfigError
 
 MiB = 2**20
 
@@ -22,7 +23,7 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    # Found to keep Ray's sockets on 127.0.0.1 instead of the machine's eth0 address (REFERENCE.md).
+    # Measured with `ss -ltnp` (Ray 2.60): keeps Ray's sockets on 127.0.0.1 instead of the machine's eth0 address.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # A worker group that cannot start (resources never free) fails after this long instead of hanging.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
@@ -53,13 +54,11 @@ _started_by: str | None = None
 
 
 def apply_env() -> None:
+    """Set :data:`RAY_ENV` (user values win). Called by the ``raeflow`` command before any subcommand runs — Ray
+    reads some of these once, when ``ray`` / ``ray.data`` is first imported, so they must be in place before any
+    Ray module loads whatever the import order — and again by :func:`ensure_ray` for library callers."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-
-
-# At import, not only in ensure_ray: Ray Data reads RAY_DATA_DISABLE_PROGRESS_BARS when ray.data is first
-# imported, and a Dataset carries the driver's settings to the actors that execute it.
-apply_env()
 
 
 def object_store_for(nbytes: int) -> int:
@@ -78,9 +77,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
     few seconds. Every process's log stays in ``/tmp/ray/session_latest/logs``.
     """
     global _started_by
+    apply_env()  # before `import ray`: some settings are read only at its first import
     import ray
 
-    apply_env()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -94,7 +93,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
     # _node_ip_address: measured here, the env flag above alone still left raylet, GCS and Serve's replicas
     # listening on every interface; naming the loopback address moves them to 127.0.0.1 (a local instance
     # never needs to be reached from another machine).
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": a new instance of our own, always. Without it ray.init() joins whatever cluster Ray's
+    # ``ray_current_cluster`` file names -- a dead one (then "object_store_memory must not be provided") or a live
+    # unrelated one, silently. Joining is only ever asked for, with --address or RAY_ADDRESS.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=object_store_memory or MIN_OBJECT_STORE, log_to_driver=log_to_driver)
     _started_by = owner
     log(f"ray: started a local instance ({_fmt_resources(ray.cluster_resources())}, object store "
@@ -145,16 +147,16 @@ def plan_workers(workers: int, cluster_cpus: float, cluster_gpus: float = 0.0, *
     count is set separately in each worker (cores on its node / workers on its node).
     """
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     if cluster_cpus <= 0:
-        raise ValueError("the Ray cluster reports no CPUs")
+        raise ConfigError("the Ray cluster reports no CPUs")
     gpus = 0.0
     if use_gpu:
         if cluster_gpus < 1:
-            raise ValueError(f"--gpu: the Ray cluster has no GPU ({cluster_cpus:g} CPU, 0 GPU). Drop --gpu to train "
+            raise ConfigError(f"--gpu: the Ray cluster has no GPU ({cluster_cpus:g} CPU, 0 GPU). Drop --gpu to train "
                              "on CPU, or connect to a cluster with GPUs (--address or RAY_ADDRESS).")
         if cluster_gpus < workers:
-            raise ValueError(f"--gpu: {workers} workers need one GPU each but the Ray cluster has "
+            raise ConfigError(f"--gpu: {workers} workers need one GPU each but the Ray cluster has "
                              f"{cluster_gpus:g}; use --workers {int(cluster_gpus)} or fewer")
         gpus = 1.0
     reserve = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
@@ -166,7 +168,7 @@ def plan_workers(workers: int, cluster_cpus: float, cluster_gpus: float = 0.0, *
         # Two decimals, rounded down, so the total never exceeds the budget.
         cpus = math.floor(100 * budget / workers) / 100
         if cpus < 0.01:
-            raise ValueError(f"{workers} workers on {cluster_cpus:g} CPUs leave less than 0.01 CPU each; use fewer "
+            raise ConfigError(f"{workers} workers on {cluster_cpus:g} CPUs leave less than 0.01 CPU each; use fewer "
                              "--workers")
         notes.append(f"fewer CPUs ({cluster_cpus:g}) than workers + Ray Data: fractional CPUs per worker, "
                      "workers share cores")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from raeflow.errors import InputError
 
 @dataclass
 class RawSplit:
@@ -58,9 +59,9 @@ class ArrayDataset:
 
     def __post_init__(self):
         if len(self.x) == 0:
-            raise ValueError(f"dataset {self.name}:{self.split} is empty")
+            raise InputError(f"dataset {self.name}:{self.split} is empty")
         if self.y is not None and len(self.y) != len(self.x):
-            raise ValueError(f"{self.name}:{self.split}: {len(self.x)} inputs but {len(self.y)} labels")
+            raise InputError(f"{self.name}:{self.split}: {len(self.x)} inputs but {len(self.y)} labels")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -90,5 +91,5 @@ def validation_size(n_train: int, requested: int | float | None) -> int:
         return min(5000, n_train // 10)
     k = int(round(requested * n_train)) if isinstance(requested, float) and requested < 1 else int(requested)
     if not 0 <= k < n_train:
-        raise ValueError(f"validation size {requested} leaves no training data out of {n_train}")
+        raise InputError(f"validation size {requested} leaves no training data out of {n_train}")
     return k

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from raeflow.models.base import Autoencoder, mlp
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 _CODE_ACTS = {"linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu}
 
@@ -27,7 +28,7 @@ class DenseAE(Autoencoder):
                  tied: bool = False):
         super().__init__(input_shape, latent_dim, loss, corruption)
         if code_activation not in _CODE_ACTS:
-            raise ValueError(f"unknown code_activation {code_activation!r}; use one of {sorted(_CODE_ACTS)}")
+            raise ConfigError(f"unknown code_activation {code_activation!r}; use one of {sorted(_CODE_ACTS)}")
         sizes = [self.input_dim, *hidden, latent_dim]
         self.code_activation = code_activation
         self.tied = tied

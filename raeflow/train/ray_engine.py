@@ -51,6 +51,7 @@ from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
+from raeflow.errors import InputError, MissingFileError
 
 _OWNER = "raeflow.train"  # raycluster owner tag: fit_ray stops only a Ray instance that training started
 #: Recorded in the run directory: the Ray run to continue on ``--resume``.
@@ -74,7 +75,7 @@ def preflight(cfg: RaeRunConfig, log: Callable[[str], None] = print, *, data_byt
     """
     if cfg.ray.gpu and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
         if not torch.cuda.is_available():  # a local cluster would have no GPU either: say so without starting Ray
-            raise ValueError("--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False) and no Ray "
+            raise InputError("--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False) and no Ray "
                              "cluster was given. Drop --gpu to train on CPU, or pass --address of a cluster "
                              "with GPUs.")
     raycluster.ensure_ray(cfg.ray.address, object_store_memory=raycluster.object_store_for(data_bytes),
@@ -112,7 +113,7 @@ def to_ray_dataset(ds: ArrayDataset, blocks: int) -> "ray.data.Dataset":
 def _data_mode(data: TrainingData, workers: int) -> str:
     mode = os.environ.get(DATA_MODE_ENV, "auto")
     if mode not in ("auto", "materialize", "stream"):
-        raise ValueError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
+        raise InputError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
     if mode != "auto":
         return mode
     shard = data.train.x.nbytes / workers
@@ -125,7 +126,7 @@ def _ray_run(run: RunDir, cfg: RaeRunConfig, resume: bool) -> dict[str, str]:
     path = run.path / RAY_RUN_FILE
     if resume:
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: {run.path} has no {RAY_RUN_FILE}: it was not trained on Ray "
+            raise MissingFileError(f"--resume: {run.path} has no {RAY_RUN_FILE}: it was not trained on Ray "
                                     "(resume it with --local)")
         return json.loads(path.read_text())
     storage = cfg.ray.storage_path or str((run.path / "ray").resolve())
@@ -232,8 +233,11 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
     }
     # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).
     split = ["train", "val"] if mode == "stream" else ["train"]
+    from raeflow.train.rendezvous import NodeLocalTorchConfig
+
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        torch_config=NodeLocalTorchConfig(),  # torch.distributed's sockets on the node's address, not on every one
         dataset_config=ray.train.DataConfig(datasets_to_split=split),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.gpu),
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
