@@ -25,6 +25,12 @@ class ConfigError(UserError, ValueError):
     what it accepts."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name (variant, dataset, task) that is not registered; a KeyError too, for lookups' callers."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the whole message
+
+
 class InputError(UserError, ValueError):
     """Input data (a file, a row, a request) cannot be used: names the file or row and why."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
-from raeflow.errors import ConfigError
+from raeflow.errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def get_variant(name: str) -> VariantInfo:
     _load_builtin_variants()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown variant {name!r}; known variants: {known}")
+        raise UnknownNameError(f"unknown variant {name!r}; known variants: {known}")
     return _REGISTRY[name]
 
 

@@ -166,10 +166,10 @@ class Vectoriser:
     @staticmethod
     def _check_docs(docs: Sequence[str]) -> Sequence[str]:
         if isinstance(docs, str):  # iterating a string would treat each character as a document
-            raise InputError("expected a sequence of documents, got a single string")
+            raise TypeError("expected a sequence of documents, got a single string")
         for i, d in enumerate(docs):
             if not isinstance(d, str):
-                raise InputError(f"document {i} is a {type(d).__name__}, not a string")
+                raise TypeError(f"document {i} is a {type(d).__name__}, not a string")
         return docs
 
     def fit(self, docs: Sequence[str]) -> Vectoriser:
