@@ -146,15 +146,16 @@ def huge_png(tmp_path_factory) -> Path:
     return p
 
 
-def _in_subprocess(code: str, limit_gib: float, timeout: float = 60) -> subprocess.CompletedProcess:
+def _in_subprocess(code: str, limit_gib: float, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter whose address space is capped: a regression that allocates what a
     hostile input asks for dies there (MemoryError) instead of taking the machine."""
     pre = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gib * 2**30)}, "
            f"{int(limit_gib * 2**30)}))\n")
     return subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})  # noqa: S603
 
 
+@pytest.mark.timeout(180)  # two fixtures (a trained model, a 100 MB image) and a fresh interpreter importing torch
 def test_huge_inputs_are_refused_before_allocation(huge_png, digits_run, tmp_path):
     """Under a 3 GiB address space (torch's import alone maps ~1.5 GiB), in one interpreter for both probes:
     a huge first image in a folder (the old path resized every image to it: 15 GiB for 150 images) and a model

@@ -284,7 +284,7 @@ def read_input_file(root: str | Path, rel: str, limit: int, read: bool = True) -
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ValueError(f"{rel}: no such file (a broken link, or removed since it was listed)") from None
+        raise ValueError(f"{rel}: cannot read (no such file: a broken link, or removed since it was listed)") from None
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
                 stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file")
