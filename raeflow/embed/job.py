@@ -93,11 +93,11 @@ def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str
 
 class EncoderActor:
     """The encoder as a Ray actor: :class:`~raeflow.embed.encoder.Encoder` in a process whose allocator is
-    first kept from hoarding freed buffers (see :func:`~raeflow.embed.sources.bounded_malloc`)."""
+    first kept from hoarding freed buffers (see :func:`~raeflow.embed.readers.bounded_malloc`)."""
 
     def __init__(self, **kwargs: Any):
         from raeflow.embed.encoder import Encoder
-        from raeflow.embed.sources import bounded_malloc
+        from raeflow.embed.readers import bounded_malloc
 
         bounded_malloc()
         self.encoder = Encoder(**kwargs)
