@@ -17,4 +17,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
     || echo "note: could not install dataset-fashion-mnist (Fashion-MNIST stays unavailable)"
 fi
+# A real browser for the HTML report's test (tests/test_report.py); under CI=true its absence is a failure.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "note: could not install chromium (the HTML report's browser test will skip)"
+fi
 echo "raeflow $(python -c 'import raeflow; print(raeflow.__version__)') ready in .venv"

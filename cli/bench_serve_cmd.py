@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -35,7 +36,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             if requests < 1 or not concurrency or min(concurrency) < 1:
-                raise ValueError("--requests and every --concurrency must be at least 1")
+                raise ConfigError("--requests and every --concurrency must be at least 1")
             models = list(model) or ensure_models(workdir, typer.echo)
             report = run(models, requests=requests, concurrencies=concurrency, modes=mode, warmup=warmup,
                          threads=threads, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -27,7 +28,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             if min(workers, default=1) < 1:
-                raise ValueError("every --workers must be at least 1")
+                raise ConfigError("every --workers must be at least 1")
             report = run_bench(epochs=epochs, limit=limit, batch_size=batch_size, threads=threads,
                                workers=() if no_ray else tuple(workers), local=not no_local, log=typer.echo)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error

@@ -15,7 +15,8 @@ def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunC
              "gpu": ("ray", "gpu"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
              "lr": ("train", "lr"), "seed": ("train", "seed"), "output": ("output",),
              "storage_path": ("ray", "storage_path"), "address": ("ray", "address"),
-             "latent_dim": ("model", "latent_dim")}
+             "latent_dim": ("model", "latent_dim"), "track": ("tracking", "backends"),
+             "tracking_uri": ("tracking", "uri")}
     for name, value in flags.items():
         if value is None or value is False:
             continue

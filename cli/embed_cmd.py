@@ -5,6 +5,7 @@ from raeflow import strict_json
 from typing import Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -35,7 +36,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from raeflow.embed.job import run_embed
 
         if text_column and image_column:
-            fail(ValueError("give --text-column or --image-column, not both"))
+            fail(ConfigError("give --text-column or --image-column, not both"))
         try:
             run_embed(model, input, output, workers=workers, gpu=gpu, batch_size=batch_size, id_column=id_column,
                       text_column=text_column, image_column=image_column, resume=resume, address=address,
@@ -51,13 +52,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                   "mnist:test:17, or (document models) the text itself."),
         k: int = typer.Option(10, "-k", help="Neighbours to return."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        exact: bool = typer.Option(False, "--exact", help="Compare with every embedding even when `raeflow "
+                                   "index` built an index."),
     ):
-        """The k nearest embeddings to a query, by cosine similarity (exact)."""
+        """The k nearest embeddings to a query, by cosine similarity (the ANN index when there is one)."""
         from raeflow.cli.errors import fail
         from raeflow.embed.search import format_hits, search as run_search
 
         try:
-            result = run_search(embeddings, model, query, k)
+            result = run_search(embeddings, model, query, k, exact=exact)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo(strict_json.dumps(result, indent=2) if as_json else format_hits(result))

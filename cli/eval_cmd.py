@@ -35,6 +35,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                            log=(lambda s: None) if as_json else typer.echo)
             out = output or model_dir(model).parent / "eval"
             paths = save_results(res, out)
+            from raeflow.modelcard import write_model_card
+            from raeflow.tracking import eval_figures, log_to_run
+
+            run_dir = model_dir(model).parent
+            if (run_dir / "run.yaml").is_file():  # a run directory: its model card and trackers get the figures
+                log_to_run(run_dir, eval_figures(res), {"eval": out}, log=(lambda s: None) if as_json else typer.echo)
+                write_model_card(run_dir)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if as_json:

@@ -67,6 +67,9 @@ def train(
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Shared checkpoint storage URI."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS)."),
     local: bool = typer.Option(False, "--local", help="Train in this process without Ray (debugging, baseline)."),
+    track: List[str] = typer.Option([], "--track", help="Also log to mlflow | tensorboard (repeatable)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow server/store URI (default: <output root>/mlflow.db)."),
 ):
     """Train a variant (on Ray Train unless --local) and write its run directory."""
     from raeflow.cli.common import build_run_config
@@ -75,7 +78,8 @@ def train(
     try:
         cfg = build_run_config(config, set_, variant=variant, dataset=dataset, workers=workers, gpu=gpu,
                                epochs=epochs, batch_size=batch_size, lr=lr, latent_dim=latent_dim, output=output,
-                               seed=seed, storage_path=storage_path, address=address)
+                               seed=seed, storage_path=storage_path, address=address, track=track or None,
+                               tracking_uri=tracking_uri)
         run_train(cfg, resume=resume, local=local)
     except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
         fail(e)
@@ -85,11 +89,12 @@ def train(
 bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios (see BENCHMARKS.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-from raeflow.cli import (bench_embed_cmd, bench_serve_cmd, bench_train_cmd, embed_cmd, eval_cmd,  # noqa: E402
-                         finetune_cmd, serve_cmd, showcase_cmd)
+from raeflow.cli import (bench_embed_cmd, bench_index_cmd, bench_serve_cmd, bench_train_cmd,  # noqa: E402
+                         corpus_cmd, embed_cmd, eval_cmd, export_cmd, finetune_cmd, index_cmd, report_cmd,
+                         serve_cmd, showcase_cmd)
 
-for _module in (finetune_cmd, embed_cmd, serve_cmd, eval_cmd, showcase_cmd, bench_serve_cmd, bench_embed_cmd,
-                bench_train_cmd):
+for _module in (finetune_cmd, embed_cmd, index_cmd, corpus_cmd, serve_cmd, eval_cmd, report_cmd, export_cmd,
+                showcase_cmd, bench_serve_cmd, bench_embed_cmd, bench_train_cmd, bench_index_cmd):
     _module.register(app, bench_app)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,12 +54,35 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # Where a run is also logged besides metrics.jsonl: the trackers people compare runs in (pythae logs to
+    # W&B/MLflow/Comet, Lightning to TensorBoard). Empty: metrics.jsonl and plots/ only.
+    backends: list[str] = field(default_factory=list)  # mlflow | tensorboard
+    # MLflow tracking URI; None: one SQLite store beside the run directory (<output root>/mlflow.db), shared by
+    # every run under that root so they can be compared (MLflow 3's default backend; the file store is legacy).
+    uri: str | None = None
+    experiment: str = "raeflow"  # MLflow experiment name
+    # Filled in by `train`: the MLflow run this run directory logs to, so finetune / eval continue the same run.
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class PlotConfig:
+    # 2-D views of the codes drawn after training: "pca" (fast, linear, deterministic) and/or "tsne" (PCA to 50
+    # dimensions, then t-SNE: shows clusters PCA folds together; seeded, so deterministic too).
+    projections: list[str] = field(default_factory=lambda: ["pca"])
+    scatter_n: int = 2000  # examples drawn in each scatter (t-SNE costs grow with it)
+
+
+@dataclass
 class RunConfig:
     variant: str = "ae"
     model: dict[str, Any] = field(default_factory=dict)  # the variant's constructor arguments (its config.json)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    plots: PlotConfig = field(default_factory=PlotConfig)
     output: str | None = None  # run directory; None: runs/<variant>-<timestamp>
 
     # ------------------------------------------------------------------------------------------ I/O

@@ -67,6 +67,18 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
     cfg.output = str(output) if output else str(Path("runs") / f"{art.variant}-finetune-"
                                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
 
+    # A tracked encoder run: the fine-tuning run logs to the same trackers, as a child of its MLflow run.
+    parent = None
+    if (src.parent / "run.yaml").is_file():
+        src_tracking = RunConfig.from_yaml(src.parent / "run.yaml").tracking
+        if src_tracking.backends and not cfg.tracking.backends:
+            from raeflow.tracking import default_mlflow_uri
+
+            # The encoder run's own store (its parent run lives there), wherever this run's directory goes.
+            cfg.tracking.backends = list(src_tracking.backends)
+            cfg.tracking.uri = src_tracking.uri or default_mlflow_uri(src.parent)
+            cfg.tracking.experiment = src_tracking.experiment
+        parent = src_tracking.mlflow_run_id
     data = labelled_data(dataset, vectoriser, cfg.data.val_size)
     classes = data.train.classes
     num_classes = len(classes) if classes else int(data.train.y.max()) + 1
@@ -75,4 +87,4 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
                                                   "sha256": art.sha256}, dropout=dropout)
     log(f"fine-tuning the {art.variant} encoder of {src} as a {num_classes}-class classifier "
         f"({clf.feature_dim} features{f', head {head_hidden}' if head_hidden else ''})")
-    return train(cfg, local=local, log=log, model=clf, data=data)
+    return train(cfg, local=local, log=log, model=clf, data=data, parent_run_id=parent)

@@ -167,5 +167,8 @@ def plot_run(run, model, data, log: Callable[[str], None] = print) -> list[Path]
     for name in plots_for(model):
         PLOTS[name][2](model, sample, run.plots / name)
         made.append(run.plots / name)
+    from raeflow.projection import extra_projections  # t-SNE beside the PCA view when plots.projections asks
+
+    made += extra_projections(run, model, sample)
     log(f"plots: {', '.join(p.name for p in made)}")
     return made

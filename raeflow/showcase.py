@@ -54,10 +54,17 @@ def showcase(output: str = "runs/showcase", *, epochs: int = 2, workers: int = 2
             t = time.perf_counter()
             cfg = RunConfig(variant=variant, model=model, output=str(out / name))
             cfg.data.dataset, cfg.train.epochs, cfg.ray.workers = "mnist", epochs, workers
+            cfg.plots.projections = ["pca", "tsne"]  # report.html shows both views of the codes
             res = train(cfg, log=log)
             steps[f"train {name}"] = time.perf_counter() - t
             figures[f"{name}_{res.selection_metric}"] = res.best
         ev = evaluate(out / "dae", "mnist", ["reconstruction", "denoise"], {"denoise_n": 1000}, log=log)
+        from raeflow.evaluate import save_results
+
+        save_results(ev, out / "dae" / "eval")  # report.html's evaluation table and the model card read it
+        from raeflow.modelcard import write_model_card
+
+        write_model_card(out / "dae")
         figures["dae_squared_error_per_image"] = ev["tasks"]["reconstruction"]["squared_error_per_image"]
         masking = next(r for r in ev["tasks"]["denoise"]["rows"] if r["noise"] == "masking" and r["level"] == 0.25)
         figures["dae_psnr_masking25"] = (masking["noisy_psnr"], masking["denoised_psnr"])
@@ -100,7 +107,13 @@ def showcase(output: str = "runs/showcase", *, epochs: int = 2, workers: int = 2
     finally:
         shutdown_if_started(owner="showcase")
     report = write_report(out, figures, steps, time.perf_counter() - t0, epochs, workers)
-    log(f"\nshowcase done in {time.perf_counter() - t0:.0f} s: report at {report}")
+    from raeflow.report import write_report as write_html  # the same runs as one self-contained page
+
+    write_html([out / "dae", out / "vae"], out / "report.html", title="raeflow showcase: MNIST",
+               notes=[line for line in report.read_text().splitlines() if line.startswith("- ")],
+               extra_images=[("served /dae/denoise", out / "served_denoised.png"),
+                             ("served /vae/generate (64 samples, seed 0)", out / "served_generated.png")])
+    log(f"\nshowcase done in {time.perf_counter() - t0:.0f} s: report at {report} and {out / 'report.html'}")
     return report
 
 

@@ -44,7 +44,7 @@ def ray_local():
     """One local Ray instance for the whole session (Ray Train / Data / Serve tests share it).
 
     2 CPUs, no dashboard, a 512 MiB object store, sockets on 127.0.0.1 (raeflow.raycluster's settings); a
-    worker group that cannot start fails after 30 s instead of hanging (REFERENCE.md). Yields the ``ray`` module.
+    worker group that cannot start fails after 30 s instead of hanging (Ray 2.60 retries a failed start forever). Yields the ``ray`` module.
     """
     import os
 
@@ -85,12 +85,10 @@ def serve_index(serve_models, tmp_path_factory) -> str:
     with the embed job's own PartWriter from Encoder output, as `raeflow embed` writes it (no Ray needed)."""
     from raeflow.data.images import load_digits
     from raeflow.embed.encoder import Encoder
-    from raeflow.embed.output import PartWriter, errors_schema, metadata, output_schema, rows_per_file
-    from raeflow.io import model_dir, read_config
+    from raeflow.embed.output import PartWriter, errors_schema, metadata, output_schema
 
     raw = load_digits("test")
     enc = Encoder(serve_models["dae"])
-    md = model_dir(serve_models["dae"])
     meta = metadata(enc.artifact, "digits:test")
     out = tmp_path_factory.mktemp("serve-index") / "digits"
     w = PartWriter(out, output_schema(enc, meta), errors_schema(meta), rows_per_file=128)

@@ -47,7 +47,7 @@ def _ray_run_dir(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ no Ray needed
 def test_plan_workers_leaves_a_cpu_for_ray_data():
-    # REFERENCE.md: 4 workers x 0.5 CPU on 2 CPUs hang (Ray Data gets nothing); 4 x 0.25 run.
+    # Measured on 2 CPUs: 4 workers x 0.5 CPU hang (Ray Data gets no CPU); 4 x 0.25 run.
     p = plan_workers(4, 2.0)
     assert (p.cpus_per_worker, p.reserved_cpus) == (0.25, 1.0)
     assert p.cpus_per_worker * p.workers + p.reserved_cpus <= 2.0

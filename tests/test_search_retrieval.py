@@ -14,16 +14,14 @@ from typer.testing import CliRunner
 
 from raeflow.cli.main import app
 from raeflow.embed.encoder import Encoder
-from raeflow.embed.output import PartWriter, errors_schema, metadata, output_schema, rows_per_file
+from raeflow.embed.output import PartWriter, errors_schema, metadata, output_schema
 from raeflow.embed.retrieval import (RECALL_LEVELS, format_table, image_retrieval, plot_retrieval,
                                      precision_at_k, precision_at_recall)
 from raeflow.embed.search import Index, top_k
-from raeflow.io import model_dir, read_config
 
 
 def _write_embeddings(model: str, out: Path, ids: list[str], labels: list[str | None], x=None, text=None) -> Path:
     enc = Encoder(model)
-    md = model_dir(model)
     meta = metadata(enc.artifact, "test")
     w = PartWriter(out, output_schema(enc, meta), errors_schema(meta), rows_per_file=128)
     batch = {"id": ids, "label": labels}

@@ -14,7 +14,7 @@ weights (throughput does not depend on the weights) unless ``--model`` names a t
 Memory: the proportional set size (PSS, which splits shared pages such as Ray's object store fairly) of this
 process and every process under it (Ray's GCS, raylet and workers when Ray is started here), sampled every
 0.2 s; the peak during the job at ``--memory-rows`` (100k) and at ``rows`` shows whether memory grows with the
-corpus. Linux only (``/proc``).
+corpus. Process-tree accounting through psutil (PSS needs Linux's smaps; elsewhere it reads 0).
 """
 from __future__ import annotations
 
@@ -36,62 +36,56 @@ MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
+def _tree(root: int) -> list["psutil.Process"]:
+    """``root`` and its live descendants (psutil walks the process table: Linux /proc, macOS, Windows alike)."""
+    import psutil
 
-
-def _title(pid: int) -> str:
-    """A process's name as Ray sets it (``ray::MapWorker(...)``, ``raylet``...), or its command."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _title(proc) -> str:
+    """A process's name as Ray sets it (``ray::MapWorker(...)``, ``raylet``...), or its command."""
+    import psutil
+
+    try:
+        args = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "?"
-    first = args[0].decode(errors="replace")
+    if not args:
+        return "?"
+    first = args[0]
     if first.startswith("ray::"):
         return first.split(" ")[0]
     return Path(first).name if not first.endswith("python") and "python" not in Path(first).name else \
-        " ".join(a.decode(errors="replace") for a in args[1:3])
+        " ".join(args[1:3])
 
 
 def tree_memory(root: int | None = None, by_process: bool = False) -> dict[str, Any]:
     """{"pss", "rss", "processes"} summed over ``root`` (default: this process) and all its descendants;
-    with ``by_process``, also "by": title -> PSS bytes."""
+    with ``by_process``, also "by": title -> PSS bytes. PSS counts shared pages once across the tree (Ray
+    workers share the object store and libraries), which RSS would count in every process."""
+    import psutil
+
     root = root or os.getpid()
-    kids = _children_map()
-    todo, pids = [root], []
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo.extend(kids.get(p, []))
+    procs = _tree(root)
     pss = rss = 0
     by: dict[str, int] = {}
-    for p in pids:
+    for p in procs:
         try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        kb = int(line.split()[1]) * 1024
-                        pss += kb
-                        if by_process:
-                            name = "this process" if p == root else _title(p)
-                            by[name] = by.get(name, 0) + kb
-                    elif line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-        except OSError:  # exited between listing and reading
+            mem = p.memory_full_info()  # reads smaps: has pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # exited meanwhile
             continue
-    out: dict[str, Any] = {"pss": pss, "rss": rss, "processes": len(pids)}
+        share = getattr(mem, "pss", 0)  # Linux only
+        pss += share
+        rss += mem.rss
+        if by_process:
+            name = "this process" if p.pid == root else _title(p)
+            by[name] = by.get(name, 0) + share
+    out: dict[str, Any] = {"pss": pss, "rss": rss, "processes": len(procs)}
     if by_process:
         out["by"] = by
     return out
@@ -100,19 +94,16 @@ def tree_memory(root: int | None = None, by_process: bool = False) -> dict[str, 
 def tree_cpu_seconds(root: int | None = None) -> float:
     """CPU seconds (user + system, including reaped children) of ``root`` and its descendants: what a side
     costs whatever else the machine runs (wall-clock rows/s on a shared machine also measures the neighbours)."""
-    root = root or os.getpid()
-    kids = _children_map()
-    todo, total = [root], 0
-    while todo:
-        p = todo.pop()
-        todo.extend(kids.get(p, []))
+    import psutil
+
+    total = 0.0
+    for p in _tree(root or os.getpid()):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (fields 14-17)
-    return total / os.sysconf("SC_CLK_TCK")
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 class MemorySampler:

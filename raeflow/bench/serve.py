@@ -163,34 +163,31 @@ def run_load(url: str, path: str, bodies: Sequence[bytes], total: int, concurren
 
 # ------------------------------------------------------------------------------------------------ processes
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (from /proc; 0 if it is gone)."""
+    """User + system CPU seconds of a process (0 if it is gone)."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        t = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return t.user + t.system
 
 
 def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, process title) of every live descendant of ``pid``."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    """(pid, process title) of every live descendant of ``pid`` (Ray names its actors' processes ``ray::...``)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in kids:
         try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            args = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        try:
-            title = (Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]).decode(errors="replace")
-        except OSError:
-            continue
-        out.append((p, title))
-        todo += children.get(p, [])
+        out.append((p.pid, args[0] if args else ""))
     return out
 
 

@@ -279,18 +279,18 @@ def read_input_file(root: str | Path, rel: str, limit: int, read: bool = True) -
     import stat
 
     if rel.startswith(BAD_NAME):
-        raise ValueError(f"{rel[len(BAD_NAME):-1]}: the file name is not valid UTF-8; rename the file")
+        raise InputError(f"{rel[len(BAD_NAME):-1]}: the file name is not valid UTF-8; rename the file")
     path = Path(root) / rel
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ValueError(f"{rel}: cannot read (no such file: a broken link, or removed since it was listed)") from None
+        raise InputError(f"{rel}: cannot read (no such file: a broken link, or removed since it was listed)") from None
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
                 stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file")
-        raise ValueError(f"{rel}: {kind}, not a regular file")
+        raise InputError(f"{rel}: {kind}, not a regular file")
     if st.st_size > limit:
-        raise ValueError(f"{rel}: {st.st_size:,} bytes is over the {limit:,}-byte limit per file")
+        raise InputError(f"{rel}: {st.st_size:,} bytes is over the {limit:,}-byte limit per file")
     if not read:
         return None
     with open(path, "rb") as f:

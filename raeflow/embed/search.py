@@ -18,48 +18,8 @@ import pyarrow.dataset as pads
 
 from raeflow.artifact import TrainedModel
 from raeflow.embed.encoder import EMBEDDING, ID, LABEL
+from raeflow.embed.vectors import MAX_BLOCK, Hit, normalise, top_k  # noqa: F401 - re-exported
 from raeflow.errors import InputError, MissingFileError
-
-#: Similarity-matrix elements computed at once (queries x rows): bounds search memory to ~256 MB of float32.
-MAX_BLOCK = 1 << 26
-
-
-def normalise(v: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; an all-zero row stays zero (its cosine with anything is then 0)."""
-    v = np.asarray(v, np.float32)
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.where(norm > 0, norm, 1.0)
-
-
-def top_k(q: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For unit rows ``q`` (m, d) and ``base`` (n, d): the indices and cosine scores of the ``k`` most similar
-    base rows per query, best first. ``exclude[i]`` (optional) is a base row never returned for query i (the
-    query itself in leave-one-out evaluation)."""
-    m, n = len(q), len(base)
-    k = min(k, n - (exclude is not None))
-    idx = np.empty((m, k), np.int64)
-    score = np.empty((m, k), np.float32)
-    step = max(1, MAX_BLOCK // max(n, 1))
-    for s in range(0, m, step):
-        sims = q[s:s + step] @ base.T
-        if exclude is not None:
-            sims[np.arange(len(sims)), exclude[s:s + step]] = -np.inf
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(sims), 1))
-        ps = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-ps, axis=1, kind="stable")
-        idx[s:s + step] = np.take_along_axis(part, order, axis=1)
-        score[s:s + step] = np.take_along_axis(ps, order, axis=1)
-    return idx, score
-
-
-@dataclass
-class Hit:
-    id: str
-    score: float
-    label: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, "label": self.label}
 
 
 class Index:
@@ -91,6 +51,10 @@ class Index:
         dim = emb.type.list_size
         vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         return cls(table.column(ID).to_pylist(), vectors, table.column(LABEL).to_pylist(), read_metadata(embeddings))
+
+    def describe(self) -> str:
+        """How this index answers (the ANN indexes say their kind and settings)."""
+        return "exact"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -164,14 +128,17 @@ def _builtin_row(query: str, datasets: dict) -> tuple[Any, str] | None:
     return raw.x[i], f"{query} (label {label})"
 
 
-def search(embeddings: str | os.PathLike, model: "str | os.PathLike | TrainedModel", query: str,
-           k: int = 10) -> dict[str, Any]:
-    """``raeflow search``: encode ``query`` with ``model`` and return the ``k`` nearest embeddings."""
+def search(embeddings: str | os.PathLike, model: "str | os.PathLike | TrainedModel", query: str, k: int = 10,
+           exact: bool = False) -> dict[str, Any]:
+    """``raeflow search``: encode ``query`` with ``model`` and return the ``k`` nearest embeddings — through the
+    directory's ANN index when ``raeflow index`` built one, exactly when ``exact`` or there is none."""
     from raeflow.embed.encoder import Encoder
+    from raeflow.index import open_index
 
-    index = Index.load(embeddings)
     art = TrainedModel.load(model)
     sha = art.sha256
+    index = None if exact else open_index(embeddings, sha)  # None -> the exact search below
+    index = index or Index.load(embeddings)
     if index.model_sha256 and index.model_sha256 != sha:
         raise InputError(f"{embeddings} was embedded by model sha256 {index.model_sha256[:12]}, but --model is "
                          f"{sha[:12]}: codes of different models are not comparable; embed with this model first")
@@ -179,11 +146,13 @@ def search(embeddings: str | os.PathLike, model: "str | os.PathLike | TrainedMod
     code, what = encode_query(encoder, query)
     hits = index.search(code, k)[0]
     return {"query": what, "k": k, "rows": len(index), "model_sha256": sha,
+            "search": index.describe(),
             "hits": [h.to_dict() for h in hits]}
 
 
 def format_hits(result: dict[str, Any]) -> str:
-    lines = [f"query: {result['query']}  ({result['rows']:,} rows searched, cosine similarity)",
+    lines = [f"query: {result['query']}  ({result['rows']:,} rows searched, cosine similarity, "
+             f"{result.get('search', 'exact')})",
              f"{'rank':>4}  {'score':>7}  {'label':<24} id"]
     for r, h in enumerate(result["hits"], start=1):
         lines.append(f"{r:>4}  {h['score']:>7.4f}  {str(h['label'] if h['label'] is not None else '-'):<24} {h['id']}")

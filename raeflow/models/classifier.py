@@ -99,6 +99,9 @@ class Classifier(nn.Module):
     #: a classifier's inputs are what its base autoencoder took; images in [0, 1]
     bounded = True
 
+    def enter_stage(self, stage: Stage) -> None:
+        """The trainer's stage hook (see ``Autoencoder.enter_stage``): nothing to do for a classifier."""
+
     @classmethod
     def from_autoencoder(cls, base: nn.Module, num_classes: int, head_hidden: int | None = None,
                          input_shape: Sequence[int] | None = None,

@@ -8,10 +8,11 @@ FastAPI + uvicorn server uses and what lets this module be tested without Ray.
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -142,13 +143,24 @@ class _TooLarge(StarletteHTTPException):
 
 
 def _json(out: dict[str, Any]) -> Response:
-    # Serialise here (compact, no jsonable_encoder walk over every float): the answers are large nested lists.
-    # Strict JSON: NaN/Infinity are not JSON, and a client's parser would reject the whole answer.
-    try:
-        return Response(json.dumps(out, separators=(",", ":"), allow_nan=False), media_type="application/json")
-    except ValueError:
-        return error(422, "the model's output holds NaN or infinite values for this input (inputs or codes far "
-                          "outside what it was trained on); nothing to answer in JSON")
+    # Serialise here with orjson (compact, no jsonable_encoder walk over every float): the answers are large nested
+    # lists. orjson writes NaN/inf as null; a non-finite number is a broken answer, so it becomes an error instead.
+    body = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in body and _non_finite(out):  # the walk only when a null is there (None is a legitimate value)
+        return error(500, "the model produced a non-finite number (NaN or infinity); no answer is sent")
+    return Response(body, media_type="application/json")
+
+
+def _non_finite(v: Any) -> bool:
+    if isinstance(v, float):
+        return not math.isfinite(v)
+    if isinstance(v, dict):
+        return any(_non_finite(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_non_finite(x) for x in v)
+    if isinstance(v, np.ndarray) and v.dtype.kind in "fc":
+        return not bool(np.isfinite(v).all())
+    return False
 
 
 ROUTES_HELP = ("GET /healthz, GET /models, GET /docs, and POST /{model}/{endpoint} with endpoint one of "

@@ -207,24 +207,26 @@ def state_dir() -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped by its parent: it counts as gone)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
+    except psutil.AccessDenied:
         return True
 
 
 def _is_ours(pid: int) -> bool:
     """The pid still runs ``raeflow.serve.run`` (not a recycled pid of something else)."""
+    import psutil
+
     try:
-        return b"raeflow.serve.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return "raeflow.serve.run" in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
         return _alive(pid)
 
 

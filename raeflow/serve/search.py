@@ -1,6 +1,7 @@
 """``POST /{model}/search``: the k nearest rows of an embeddings directory (``--index NAME=DIR``) to the queries.
 
-The index is the embedding side's :class:`raeflow.embed.search.Index` (exact cosine search, in memory). This
+The index is the directory's ANN index (:func:`raeflow.index.open_index`) when ``raeflow index`` built one,
+else the embedding side's :class:`raeflow.embed.search.Index` (exact cosine search, in memory). This
 module decides which served model may query which index: codes of different models are not comparable, so a
 model searches an index only when the index was embedded by that very model (the sha256 that ``raeflow embed``
 records) or, for an index that records none, when the code sizes agree.
@@ -21,7 +22,7 @@ from raeflow.errors import InputError
 @dataclass
 class ServedIndex:
     name: str
-    index: Any  # raeflow.embed.search.Index
+    index: Any  # raeflow.index.AnnIndex or raeflow.embed.search.Index: same search(codes, k)
     models: list[str]  # served models whose codes live in this index's space
 
 
@@ -33,8 +34,12 @@ def load_indexes(specs: Sequence[dict[str, str]], services: dict[str, ModelServi
 
     shas = {name: svc.artifact.sha256 for name, svc in services.items()}
     out: dict[str, ServedIndex] = {}
+    from raeflow.index import open_index
+
     for spec in specs:
-        index = Index.load(spec["path"])
+        # issue 13: the directory's ANN index when `raeflow index` built one (refused if it is another model's
+        # or stale), else every embedding in memory for the exact search.
+        index = open_index(spec["path"]) or Index.load(spec["path"])
         sha = index.model_sha256
         models = [n for n, svc in services.items()
                   if (shas.get(n) == sha if sha else svc.latent_dim == index.dim)]

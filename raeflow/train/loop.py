@@ -200,8 +200,7 @@ class Trainer:
         frozen = {id(p) for n in stage.frozen for p in getattr(self.model, n).parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
-        if hasattr(self.model, "enter_stage"):
-            self.model.enter_stage(stage)
+        self.model.enter_stage(stage)  # the model's documented hook (a no-op unless it overrides it)
         self.optimizers, self.schedulers = {}, {}
         if stage.closed_form:
             self.wrapped = self.model

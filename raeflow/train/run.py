@@ -109,12 +109,13 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
 def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
           log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
-          data: TrainingData | None = None) -> TrainResult:
+          data: TrainingData | None = None, parent_run_id: str | None = None) -> TrainResult:
     """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
 
     ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
     classifier initialised from a trained encoder; ``cfg.variant`` / ``cfg.model`` are set from it, so run.yaml
-    describes what is trained); ``data`` is data already prepared (there: with the encoder's vectoriser).
+    describes what is trained); ``data`` is data already prepared (there: with the encoder's vectoriser);
+    ``parent_run_id`` nests this run's MLflow run under another (finetune: under the encoder's run).
     """
     t0 = time.perf_counter()
     if resume:
@@ -140,6 +141,9 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
 
         preflight(cfg, log, data_bytes=data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes))
     run = RunDir.create(cfg, resume=resume)
+    from raeflow.tracking import start_tracking  # MLflow / TensorBoard when cfg.tracking.backends names them
+
+    tracker = start_tracking(cfg, run, resume=resume, parent_run_id=parent_run_id, log=log)
     log(f"{cfg.variant}: {sum(p.numel() for p in model.parameters()):,} parameters; data {data.train.name} "
         f"train {len(data.train):,} val {0 if data.val is None else len(data.val):,} shape {data.train.shape}")
     if local:
@@ -156,6 +160,10 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     from raeflow.plots import plot_run
 
     plot_run(run, model, data, log=log)
+    from raeflow.modelcard import write_model_card
+
+    write_model_card(run.path)
+    tracker.finish(run.path)
     sel = model.selection_metric
     best_row = next((r for r in reversed(rows) if r.get("best")), {})  # the trainer flags the selected epoch
     result = TrainResult(run.path, len(rows), best_row.get("epoch", -1),

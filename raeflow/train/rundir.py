@@ -35,6 +35,9 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        # Called with every row appended to metrics.jsonl (experiment trackers, raeflow.tracking): both engines
+        # write their rows here, in the driver process, so a tracker sees each epoch once (rank 0's, under Ray).
+        self.observers: list = []
 
     # Layout, in one place.
     @property
@@ -109,6 +112,8 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for observe in self.observers:
+            observe(row)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():
