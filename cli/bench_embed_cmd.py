@@ -23,12 +23,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Rows/s of `raeflow embed` against a plain single-process loop, and its peak memory at two sizes."""
         from raeflow.bench.embed import bench_embed as run, markdown
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
 
         try:
             report = run(rows, memory_rows=memory_rows, model=model, workdir=workdir, batch_size=batch_size,
                          workers=workers, log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo("\n" + markdown(report))
         if output:

@@ -25,7 +25,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Recall@10 and queries/s of the ANN index against the exact search, build time and memory."""
         from raeflow.bench.index import bench_index as run, markdown
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
 
         try:
             from pathlib import Path as _P
@@ -36,7 +36,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 typer.echo(f"embedded: {embed_corpus(corpus, model, embeddings, log=typer.echo)}")
             report = run(embeddings, model, kinds=kind, queries=queries, recall_queries=recall_queries,
                          single_budget_s=budget, log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo("\n" + markdown(report))
         if output:

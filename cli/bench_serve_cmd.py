@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -31,16 +32,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """/denoise requests/s and p50/p99 latency: Ray Serve with batching against a plain uvicorn server."""
         from raeflow.bench.serve import bench_serve as run, ensure_models, markdown
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
 
         try:
             if requests < 1 or not concurrency or min(concurrency) < 1:
-                raise ValueError("--requests and every --concurrency must be at least 1")
+                raise ConfigError("--requests and every --concurrency must be at least 1")
             models = list(model) or ensure_models(workdir, typer.echo)
             report = run(models, requests=requests, concurrencies=concurrency, modes=mode, warmup=warmup,
                          threads=threads, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                          max_ongoing_requests=max_ongoing_requests, timeout_s=timeout_s, log=typer.echo)
-        except (*USER_ERRORS, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo("\n" + report["machine"] + "\n\n" + markdown(report))
         if output:

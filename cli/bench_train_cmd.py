@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -23,14 +24,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Samples/s of ae 784-1000-500-250-30 on MNIST: plain PyTorch loop vs raeflow's Trainer vs Ray Train."""
         from raeflow.bench.train import run_bench
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
 
         try:
             if min(workers, default=1) < 1:
-                raise ValueError("every --workers must be at least 1")
+                raise ConfigError("every --workers must be at least 1")
             report = run_bench(epochs=epochs, limit=limit, batch_size=batch_size, threads=threads,
                                workers=() if no_ray else tuple(workers), local=not no_local, log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if output:
             output.write_text(json.dumps(report, indent=2))

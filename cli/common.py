@@ -28,4 +28,4 @@ def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunC
             node[path[-1]] = value
         else:
             setattr(node, path[-1], value)
-    return cfg
+    return cfg.validate()  # every value checked before any work starts, whatever the engine

@@ -15,10 +15,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     ):
         """Write N distinct images made from MNIST by seeded random affine distortions, in chunks."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.data.corpus import write_corpus
 
         try:
             write_corpus(out, rows, fmt=fmt, seed=seed, log=(lambda s: None) if quiet else typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)

@@ -1,10 +1,11 @@
 """`raeflow embed`, `raeflow search`: parse flags, delegate to :mod:`raeflow.embed`."""
 from __future__ import annotations
 
-import json
+from raeflow import strict_json
 from typing import Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -31,16 +32,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
         """Embed a corpus with a trained model into Parquet (id, embedding, label), on Ray Data."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.embed.job import run_embed
 
         if text_column and image_column:
-            fail(ValueError("give --text-column or --image-column, not both"))
+            fail(ConfigError("give --text-column or --image-column, not both"))
         try:
             run_embed(model, input, output, workers=workers, gpu=gpu, batch_size=batch_size, id_column=id_column,
                       text_column=text_column, image_column=image_column, resume=resume, address=address,
                       progress=not quiet, log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
 
     @app.command("search")
@@ -55,11 +56,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                    "index` built an index."),
     ):
         """The k nearest embeddings to a query, by cosine similarity (the ANN index when there is one)."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.embed.search import format_hits, search as run_search
 
         try:
             result = run_search(embeddings, model, query, k, exact=exact)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
-        typer.echo(json.dumps(result, indent=2) if as_json else format_hits(result))
+        typer.echo(strict_json.dumps(result, indent=2) if as_json else format_hits(result))

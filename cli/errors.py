@@ -1,13 +1,23 @@
-"""How a command ends on a user's mistake: one red line on stderr and exit code 2 (a traceback means a bug)."""
+"""How a command ends: a user's mistake is one red line on stderr and exit code 2; a bug keeps its traceback.
+
+The sorting is :mod:`raeflow.errors`' taxonomy (``UserError`` and the foreign exceptions that stand for one), not a
+list of built-in types: a ``ValueError`` from deep inside numpy is a bug and must show where it happened.
+"""
 from __future__ import annotations
 
 import typer
 
-#: what a user's input can raise (bad path, bad config, unknown name); anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError, NotImplementedError)
+from raeflow.errors import UserError, as_user_error
+
+#: kept for callers that catch "what a user can cause" explicitly
+USER_ERRORS = (UserError,)
 
 
-def fail(e: Exception) -> None:
-    """User errors end with one clear line and exit code 2."""
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+def fail(e: BaseException) -> None:
+    """Called from a command's ``except Exception``: a user error ends with one clear line and exit code 2;
+    anything else is re-raised unchanged (traceback, exit 1)."""
+    user = as_user_error(e)
+    if user is None:
+        raise e
+    typer.secho(f"error: {user}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(user.exit_code)

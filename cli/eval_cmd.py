@@ -1,7 +1,7 @@
 """`raeflow eval`: the literature's measures for a trained model (tasks live in raeflow.evaluate.TASKS)."""
 from __future__ import annotations
 
-import json
+from raeflow import strict_json
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ):
         """Evaluate a trained model: prints and saves (JSON + Markdown) every task that applies."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.evaluate import evaluate, save_results, to_markdown
         from raeflow.io import model_dir
 
@@ -42,10 +42,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             if (run_dir / "run.yaml").is_file():  # a run directory: its model card and trackers get the figures
                 log_to_run(run_dir, eval_figures(res), {"eval": out}, log=(lambda s: None) if as_json else typer.echo)
                 write_model_card(run_dir)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if as_json:
-            typer.echo(json.dumps(res, indent=2))
+            typer.echo(strict_json.dumps(res, indent=2))
         else:
             typer.echo(to_markdown(res))
             typer.echo(f"saved: {paths[0]} and {paths[1]}")

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -15,12 +16,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory (default RUN_DIR/onnx)."),
     ):
         """Export encoder / decoder / reconstruct / denoise graphs (whichever the model declares), batch dynamic."""
-        from raeflow.cli.errors import USER_ERRORS, fail as _fail
+        from raeflow.cli.errors import fail as _fail
         from raeflow.export import FORMATS, export_onnx
 
         try:
             if format not in FORMATS:
-                raise ValueError(f"unknown --format {format!r}; use one of {list(FORMATS)}")
+                raise ConfigError(f"unknown --format {format!r}; use one of {list(FORMATS)}")
             export_onnx(run, output, log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             _fail(e)

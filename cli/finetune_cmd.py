@@ -24,11 +24,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         local: bool = typer.Option(False, "--local", help="Train in this process without Ray."),
     ):
         """Fine-tune a trained autoencoder's encoder into a classifier (selected by validation error)."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.finetune import finetune
 
         try:
             finetune(model, dataset, output, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
                      head_hidden=head_hidden, dropout=dropout, local=local, sets=set_)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)

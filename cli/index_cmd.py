@@ -5,6 +5,7 @@ import json
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def _params(items: List[str]) -> dict:
@@ -12,7 +13,7 @@ def _params(items: List[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--param {item!r}: expected NAME=VALUE, e.g. ef_search=128")
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE, e.g. ef_search=128")
         out[key.strip()] = json.loads(value)
     return out
 
@@ -31,13 +32,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: Optional[str] = typer.Option(None, "--json", help="Also write the build summary as JSON here."),
     ):
         """Build an ANN index beside the embeddings (or add new rows to it); search and /search then use it."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.index import build_index
 
         try:
             summary = build_index(embeddings, kind, _params(param) or None, rebuild=rebuild, threads=threads,
                                   log=typer.echo)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if as_json:
             from dataclasses import asdict

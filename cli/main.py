@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from raeflow.version import __version__
-from raeflow.cli.errors import USER_ERRORS, fail
+from raeflow.cli.errors import fail
 
 app = typer.Typer(help="Train, run and serve the autoencoder family on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -82,7 +82,7 @@ def train(
                                seed=seed, storage_path=storage_path, address=address, track=track or None,
                                tracking_uri=tracking_uri)
         run_train(cfg, resume=resume, local=local)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
         fail(e)
 
 

@@ -15,11 +15,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         title: Optional[str] = typer.Option(None, "--title"),
     ):
         """Write an HTML report (plots embedded, nothing fetched from the network) of RUN_DIR [RUN_DIR ...]."""
-        from raeflow.cli.errors import USER_ERRORS, fail as _fail
+        from raeflow.cli.errors import fail as _fail
         from raeflow.report import write_report
 
         try:
             path = write_report(runs, output, title=title)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             _fail(e)
         typer.echo(f"report: {path}")

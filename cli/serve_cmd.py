@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
+from raeflow.errors import ConfigError
 
 
 def parse_indexes(values: list[str]) -> dict[str, str]:
@@ -11,9 +12,9 @@ def parse_indexes(values: list[str]) -> dict[str, str]:
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--index takes NAME=EMBEDDINGS_DIR, got {v!r}")
+            raise ConfigError(f"--index takes NAME=EMBEDDINGS_DIR, got {v!r}")
         if name in out:
-            raise ValueError(f"--index {name} given twice")
+            raise ConfigError(f"--index {name} given twice")
         out[name] = path
     return out
 
@@ -24,9 +25,9 @@ def parse_replicas(value: str) -> int | str:
     try:
         n = int(value)
     except ValueError:
-        raise ValueError(f"--replicas takes a number or 'auto', got {value!r}") from None
+        raise ConfigError(f"--replicas takes a number or 'auto', got {value!r}") from None
     if n < 1:
-        raise ValueError(f"--replicas must be at least 1, got {n}")
+        raise ConfigError(f"--replicas must be at least 1, got {n}")
     return n
 
 
@@ -60,7 +61,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         stop: bool = typer.Option(False, "--stop", help="Stop a detached server (the one on --port if given)."),
     ):
         """Serve models over HTTP with Ray Serve: /healthz, /models, /docs and /{model}/{endpoint}."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.serve import run
 
         try:
@@ -68,7 +69,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 run.stop(port, log=typer.echo)
                 return
             if max_batch_size < 1 or max_ongoing_requests < 1 or batch_wait_ms < 0:
-                raise ValueError("--max-batch-size and --max-ongoing-requests must be >= 1, --batch-wait-ms >= 0")
+                raise ConfigError("--max-batch-size and --max-ongoing-requests must be >= 1, --batch-wait-ms >= 0")
             spec = run.ServerSpec(
                 models=list(model), indexes=parse_indexes(index), host=host,
                 port=run.DEFAULT_PORT if port is None else port, address=address, access_log=access_log,
@@ -81,5 +82,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 run.detach(spec, log=typer.echo)
             else:
                 run.serve_forever(spec, log=typer.echo)
-        except (*USER_ERRORS, TimeoutError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)

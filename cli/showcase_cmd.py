@@ -16,10 +16,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         latent_dim: int = typer.Option(32, "--latent-dim", "-k", help="DAE code size (the VAE's is 2, for its manifold)."),
     ):
         """Train a DAE and a VAE on Ray Train, embed MNIST test with Ray Data, search, serve, and report."""
-        from raeflow.cli.errors import USER_ERRORS, fail
+        from raeflow.cli.errors import fail
         from raeflow.showcase import showcase as run
 
         try:
             run(output, epochs=epochs, workers=workers, hidden=hidden or None, latent_dim=latent_dim)
-        except USER_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)

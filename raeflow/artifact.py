@@ -21,6 +21,7 @@ import torch
 
 from raeflow.io import load_model, model_dir, model_sha256, read_config, read_vectoriser
 from raeflow.models.capabilities import capabilities_of
+from raeflow.errors import InputError, MissingFileError
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class InputSpec:
             return None
         c = int(self.shape[0])
         if c not in (1, 3):
-            raise ValueError(f"image models take 1 or 3 channels; this one takes input_shape {list(self.shape)}")
+            raise InputError(f"image models take 1 or 3 channels; this one takes input_shape {list(self.shape)}")
         return "L" if c == 1 else "RGB"
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class TrainedModel:
         saved = read_vectoriser(self.path)
         if saved is None:
             if self.input.kind == "text":
-                raise FileNotFoundError(f"{self.path} is a document model but has no vectoriser.json (it is saved "
+                raise MissingFileError(f"{self.path} is a document model but has no vectoriser.json (it is saved "
                                         "at training time); cannot turn text into the model's input")
             return None
         from raeflow.data.text import Vectoriser

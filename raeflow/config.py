@@ -6,11 +6,13 @@ The resolved tree is saved as the run directory's ``run.yaml``, so a run can be 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from raeflow.errors import ConfigError, MissingFileError
 
 
 @dataclass
@@ -96,7 +98,7 @@ class RunConfig:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; top-level keys are "
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; top-level keys are "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
         out = cls()
         for f in dataclasses.fields(cls):
@@ -113,8 +115,37 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> "RunConfig":
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+            raise MissingFileError(f"config file not found: {p}")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a run config (limit {MAX_CONFIG_BYTES:,})")
+        d = load_yaml(p.read_text(), str(p)) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: a run config is a YAML mapping (variant:, model:, train:, ...), got "
+                              f"{type(d).__name__}")
+        return cls.from_dict(d)
+
+    def validate(self) -> "RunConfig":
+        """Check every value's type and range and the cross-field rules; ConfigError naming the first bad key.
+
+        Called before any work starts (``raeflow train`` on every engine, ``finetune``, ``showcase``): a value out
+        of range must not train by gradient ascent (``grad_clip<0``), be rounded silently (``epochs=1.5``,
+        ``batch_size=0`` on Ray) or crash after hours of training (``latent_dim=0`` in the plots)."""
+        for section, key, rule in _SCHEMA:
+            node = self if section is None else getattr(self, section)
+            name = key if section is None else f"{section}.{key}"
+            _check(name, getattr(node, key), rule)
+        for stage, n in self.train.stage_epochs.items():
+            _check(f"train.stage_epochs.{stage}", n, _Int(0, MAX_EPOCHS))
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model: must be a mapping of the variant's arguments, got {self.model!r}")
+        for key, value in self.model.items():
+            _check_model_value(f"model.{key}", key, value)
+        if self.train.batch_size < self.ray.workers:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is split across ray.workers="
+                              f"{self.ray.workers}: it must be at least the number of workers")
+        if self.output is not None and Path(self.output).exists() and not Path(self.output).is_dir():
+            raise ConfigError(f"output={self.output!r} is a file; the run directory must be a folder (or not exist)")
+        return self
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -124,15 +155,15 @@ class RunConfig:
         d = self.to_dict()
         for a in assignments:
             if "=" not in a:
-                raise ValueError(f"--set takes key=value, got {a!r}")
+                raise ConfigError(f"--set takes key=value, got {a!r}")
             key, raw = a.split("=", 1)
-            value = _number(yaml.safe_load(raw))
+            value = _number(load_yaml(raw, f"--set {key}"))
             node = d
             parts = key.strip().split(".")
             for p in parts[:-1]:
                 if not isinstance(node.get(p), dict):
                     if p in node and node[p] is not None:
-                        raise ValueError(f"--set {key}: {p!r} is not a section")
+                        raise ConfigError(f"--set {key}: {p!r} is not a section")
                     node[p] = {}
                 node = node[p]
             node[parts[-1]] = value
@@ -143,7 +174,7 @@ def _fill(cls, d: dict[str, Any], section: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown keys in '{section}': {sorted(unknown)}; it accepts {sorted(names)}")
+        raise ConfigError(f"unknown keys in '{section}': {sorted(unknown)}; it accepts {sorted(names)}")
     return cls(**{k: _number(v) for k, v in d.items()})
 
 
@@ -155,3 +186,158 @@ def _number(v: Any) -> Any:
         except ValueError:
             return v
     return v
+
+
+# ------------------------------------------------------------------------------------------- validation
+#: A run config is a few hundred bytes; a megabyte is a mistake (or an attack), not a config.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_EPOCHS = 100_000
+#: Any one layer width / code size: wider than anything an autoencoder here needs, small enough that a typo
+#: (hidden=[300000, 300000], 360 GB of weights) is refused before a byte is allocated.
+MAX_WIDTH = 65_536
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a config never needs them, and nested aliases ("billion laughs")
+    make a 1 KB file expand into an object graph that every later copy walks exponentially."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a config "
+                              f"(line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` without aliases; a syntax error becomes a ConfigError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())[:300]})") from None
+
+
+@dataclass(frozen=True)
+class _Int:
+    lo: int | None = None
+    hi: int | None = None
+    optional: bool = False
+
+    def describe(self) -> str:
+        rng = (f"an integer in [{self.lo}, {self.hi}]" if self.hi is not None else f"an integer >= {self.lo}")
+        return rng + (" or null" if self.optional else "")
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.optional
+        return (isinstance(v, int) and not isinstance(v, bool) and (self.lo is None or v >= self.lo)
+                and (self.hi is None or v <= self.hi))
+
+
+@dataclass(frozen=True)
+class _Float:
+    lo: float | None = None  # exclusive when lo_open
+    hi: float | None = None
+    lo_open: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        lo = "" if self.lo is None else (f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}")
+        hi = "" if self.hi is None else f"<= {self.hi:g}"
+        return "a finite number " + " and ".join(x for x in (lo, hi) if x) + (" or null" if self.optional else "")
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.optional
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+
+@dataclass(frozen=True)
+class _Choice:
+    choices: tuple[Any, ...]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(str, self.choices))
+
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, type(self.choices[0])) and v in self.choices
+
+
+@dataclass(frozen=True)
+class _Str:
+    optional: bool = False
+
+    def describe(self) -> str:
+        return "a non-empty string" + (" or null" if self.optional else "")
+
+    def ok(self, v: Any) -> bool:
+        return (v is None and self.optional) or (isinstance(v, str) and bool(v.strip()) and "\0" not in v)
+
+
+@dataclass(frozen=True)
+class _ValSize:
+    def describe(self) -> str:
+        return "null, a fraction in (0, 1) or a row count >= 0"
+
+    def ok(self, v: Any) -> bool:
+        return (v is None or _Int(0).ok(v)
+                or (isinstance(v, float) and math.isfinite(v) and 0.0 < v < 1.0))
+
+
+_BOOL = _Choice((False, True))
+
+#: (section, key, rule): every field of the tree, with why its bounds are what they are where it is not obvious.
+_SCHEMA = [
+    (None, "variant", _Str()),
+    (None, "output", _Str(optional=True)),
+    ("data", "dataset", _Str()),
+    ("data", "val_size", _ValSize()),
+    ("data", "vocab_size", _Int(1, 1_000_000)),  # the model's input width: bounded like a layer
+    ("data", "weighting", _Choice(("counts", "log", "tfidf", "prob"))),
+    ("train", "epochs", _Int(1, MAX_EPOCHS)),
+    ("train", "batch_size", _Int(1, 1_000_000)),
+    ("train", "lr", _Float(0.0, 10.0, lo_open=True)),  # 0 or negative would not train / ascend the loss
+    ("train", "optimizer", _Choice(("adam", "adamw", "sgd"))),
+    ("train", "weight_decay", _Float(0.0, 10.0)),
+    ("train", "schedule", _Choice(("none", "cosine", "onecycle", "step"))),
+    ("train", "step_epochs", _Int(1, MAX_EPOCHS)),
+    ("train", "step_gamma", _Float(0.0, 1.0, lo_open=True)),
+    ("train", "grad_clip", _Float(0.0, lo_open=True, optional=True)),  # a negative norm flips the gradient
+    ("train", "early_stopping", _Int(1, MAX_EPOCHS, optional=True)),
+    ("train", "seed", _Int(0, 2**32 - 1)),  # numpy's seed range
+    ("train", "threads", _Int(1, 1024, optional=True)),
+    ("train", "checkpoint_every", _Int(1, MAX_EPOCHS)),
+    ("train", "keep_checkpoints", _Int(1, 1000)),
+    ("ray", "workers", _Int(1, 1024)),
+    ("ray", "gpu", _BOOL),
+    ("ray", "address", _Str(optional=True)),
+    ("ray", "storage_path", _Str(optional=True)),
+    ("ray", "max_failures", _Int(0, 100)),
+    ("ray", "amp", _BOOL),
+    ("ray", "compile", _BOOL),
+]
+
+
+def _check(name: str, value: Any, rule: Any) -> None:
+    if not rule.ok(value):
+        raise ConfigError(f"{name}={value!r}: must be {rule.describe()}")
+
+
+def _check_model_value(name: str, key: str, value: Any) -> None:
+    """The model section belongs to each variant (its constructor checks the rest); sizes are bounded here for
+    all of them, so no variant allocates a typo: ``*_dim``/``latent*`` are one size, ``hidden*``/``channels``
+    a list of sizes."""
+    size = _Int(1, MAX_WIDTH)
+    if key.endswith("_dim") or key.startswith("latent") or key in ("num_classes",):
+        _check(name, value, _Int(1, MAX_WIDTH, optional=True))
+    elif key.startswith("hidden") or key in ("channels", "filters"):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > 64:
+            raise ConfigError(f"{name}: {len(values)} layers; at most 64")
+        for i, v in enumerate(values):
+            if not size.ok(v):
+                raise ConfigError(f"{name}[{i}]={v!r}: must be {size.describe()}")

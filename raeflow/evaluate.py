@@ -20,6 +20,7 @@ import torch
 from raeflow.artifact import TrainedModel
 from raeflow.data import ArrayDataset, known_datasets, load_eval_data, parse_spec
 from raeflow.models import capabilities as cap
+from raeflow.errors import InputError
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def likelihood(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict
     protocols = {"fixed": [0], "dynamic": [1, 2, 3]}
     if which != "both":
         if which not in protocols:
-            raise ValueError(f"binarisation must be fixed, dynamic or both; got {which!r}")
+            raise InputError(f"binarisation must be fixed, dynamic or both; got {which!r}")
         protocols = {which: protocols[which]}
     out: dict[str, Any] = {"k": k, "n": n, "unit": "nats per image"}
     for proto, seeds in protocols.items():
@@ -174,6 +175,7 @@ class Task:
     labels: bool = False  # needs a labelled split
     images: bool = False  # needs image inputs
     needs_train: bool = False  # fits something on the training split (probes, Parzen's sigma)
+    builtin_only: bool = False  # measured against baselines prepared for the built-in corpora only
 
     def applies(self, capabilities: frozenset[str], is_image: bool, labelled: bool) -> bool:
         return self.needs <= capabilities and (is_image or not self.images) and (labelled or not self.labels)
@@ -186,7 +188,7 @@ TASKS: dict[str, Task] = {
     "likelihood": Task(likelihood, frozenset({cap.LIKELIHOOD}), images=True),
     "parzen": Task(parzen, frozenset({cap.GENERATE}), images=True, needs_train=True),
     "denoise": Task(denoise, frozenset({cap.DENOISE}), images=True),
-    "retrieval": Task(retrieval, frozenset({cap.ENCODE}), labels=True),
+    "retrieval": Task(retrieval, frozenset({cap.ENCODE}), labels=True, builtin_only=True),
 }
 
 
@@ -203,20 +205,30 @@ def evaluate(model_path: "str | Path | TrainedModel", dataset: str | None = None
     art = TrainedModel.load(model_path)
     dataset = dataset or art.data.get("name")
     if not dataset:
-        raise ValueError("the model's config.json names no dataset: pass --dataset")
+        raise InputError("the model's config.json names no dataset: pass --dataset")
     unknown = set(tasks or []) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
+        raise InputError(f"unknown task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
     model = art.model
     data = load_eval_data(dataset, vectoriser=art.vectoriser)
     if tuple(data.shape) != tuple(art.input.shape):
-        raise ValueError(f"{dataset} has examples of shape {data.shape}; the model takes {list(art.input.shape)}")
+        raise InputError(f"{dataset} has examples of shape {data.shape}; the model takes {list(art.input.shape)}")
     is_image, labelled = art.input.is_image, data.y is not None
     chosen = tasks or tasks_for(art.capabilities, is_image, labelled)
+    builtin = parse_spec(dataset)[0] in known_datasets()
+    if not builtin:
+        # Decided before any task runs: a task that cannot run on user data must not fail after the others
+        # have run (their results would be lost with it).
+        if tasks:
+            bad = [n for n in chosen if TASKS[n].builtin_only]
+            if bad:
+                raise InputError(f"task(s) {bad} run on the built-in datasets only ({', '.join(sorted(known_datasets()))});"
+                                 f" {dataset!r} is user data")
+        chosen = [n for n in chosen if not TASKS[n].builtin_only]
     for name in chosen:
         if not TASKS[name].applies(art.capabilities, is_image, labelled):
             t = TASKS[name]
-            raise ValueError(f"task {name!r} does not apply to this {art.variant} model on {dataset}: it needs "
+            raise InputError(f"task {name!r} does not apply to this {art.variant} model on {dataset}: it needs "
                              f"capabilities {sorted(t.needs)} (the model declares {sorted(art.capabilities)})"
                              + (", labelled data" if t.labels else "") + (", image inputs" if t.images else ""))
     train = None

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from raeflow.models import capabilities as cap
 from raeflow.models.capabilities import capabilities_of
+from raeflow.errors import InputError
 
 FORMATS = ("onnx",)
 OPSET = 17
@@ -70,7 +71,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, *,
     out.mkdir(parents=True, exist_ok=True)
     graphs = graphs_for(model)
     if not graphs:
-        raise ValueError(f"{src}: declares {sorted(capabilities_of(model))}, none of which is a deterministic graph")
+        raise InputError(f"{src}: declares {sorted(capabilities_of(model))}, none of which is a deterministic graph")
     written: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     g = torch.Generator().manual_seed(0)
@@ -92,7 +93,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, *,
             continue
         written[name] = path
     if not written:
-        raise ValueError(f"{src}: no graph could be exported: {skipped}")
+        raise InputError(f"{src}: no graph could be exported: {skipped}")
     _check(model, written, graphs)
     (out / "export.json").write_text(json.dumps(
         {"format": "onnx", "opset": OPSET, "model": str(src), "input_shape": list(model.input_shape),

@@ -19,6 +19,7 @@ from raeflow.models import capabilities as cap
 from raeflow.models.classifier import Classifier
 from raeflow.registry import get_variant
 from raeflow.train.run import TrainResult, train
+from raeflow.errors import InputError
 
 
 def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = None) -> TrainingData:
@@ -27,9 +28,9 @@ def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = Non
     here, whose vocabulary would not match the encoder's inputs)."""
     full = load_eval_data(spec, vectoriser, default_split="train")
     if full.split == "test":
-        raise ValueError(f"{spec}: the test split is for `raeflow eval`, not for fine-tuning")
+        raise InputError(f"{spec}: the test split is for `raeflow eval`, not for fine-tuning")
     if full.y is None:
-        raise ValueError(f"{spec} has no labels, and fine-tuning a classifier needs them (a folder of images "
+        raise InputError(f"{spec} has no labels, and fine-tuning a classifier needs them (a folder of images "
                          "needs one subfolder per class; .jsonl/Parquet rows a 'label' field)")
     n = len(full)
     k = validation_size(n, val_size)
@@ -52,7 +53,7 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
     src = art.path
     info = get_variant(art.variant)
     if info.kind != "autoencoder" or cap.ENCODE not in art.capabilities:
-        raise ValueError(f"{src} holds a {art.variant!r} ({info.kind}), not an autoencoder to fine-tune")
+        raise InputError(f"{src} holds a {art.variant!r} ({info.kind}), not an autoencoder to fine-tune")
     vectoriser = art.vectoriser
 
     cfg = RunConfig().override(list(sets))

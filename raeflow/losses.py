@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.func import jacrev, vmap
+from raeflow.errors import ConfigError
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -55,7 +56,7 @@ def kl_sparsity(rho: float, rho_hat: torch.Tensor, eps: float = 1e-6) -> torch.T
     because a unit that is exactly 0 or 1 on every example makes the KL infinite.
     """
     if not 0 < rho < 1:
-        raise ValueError(f"sparsity target rho must be in (0, 1), got {rho}")
+        raise ConfigError(f"sparsity target rho must be in (0, 1), got {rho}")
     r = rho_hat.clamp(eps, 1 - eps)
     return (rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))).sum()
 

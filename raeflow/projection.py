@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from raeflow.errors import InputError
 
 PROJECTIONS = ("pca", "tsne")
 
@@ -24,7 +25,7 @@ def tsne_2d(z: np.ndarray, seed: int = 0, *, perplexity: float = 30.0, n_jobs: i
     """(N, k) codes -> (N, 2): PCA to min(50, k, N) dimensions, then t-SNE. ``engine``: opentsne | sklearn."""
     z = np.asarray(z, np.float32)
     if len(z) < 4:
-        raise ValueError(f"t-SNE needs at least 4 points, got {len(z)}")
+        raise InputError(f"t-SNE needs at least 4 points, got {len(z)}")
     perplexity = min(perplexity, (len(z) - 1) / 3)  # both libraries refuse a perplexity this large
     d = min(50, z.shape[1], len(z))
     if z.shape[1] > d:
@@ -42,7 +43,7 @@ def tsne_2d(z: np.ndarray, seed: int = 0, *, perplexity: float = 30.0, n_jobs: i
 
         return SkTSNE(2, perplexity=perplexity, random_state=seed, init="pca", n_jobs=n_jobs).fit_transform(z) \
             .astype(np.float32)
-    raise ValueError(f"unknown t-SNE engine {engine!r}; use opentsne or sklearn")
+    raise InputError(f"unknown t-SNE engine {engine!r}; use opentsne or sklearn")
 
 
 def extra_projections(run, model, sample, log=print) -> list[Path]:
@@ -57,7 +58,7 @@ def extra_projections(run, model, sample, log=print) -> list[Path]:
     wanted = list(cfg.plots.projections) if cfg is not None else ["pca"]
     unknown = set(wanted) - set(PROJECTIONS)
     if unknown:
-        raise ValueError(f"plots.projections: unknown {sorted(unknown)}; use {list(PROJECTIONS)}")
+        raise InputError(f"plots.projections: unknown {sorted(unknown)}; use {list(PROJECTIONS)}")
     if "tsne" not in wanted or cap.ENCODE not in capabilities_of(model):
         return []
     n = int(cfg.plots.scatter_n)

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from raeflow.errors import ConfigError
 
 MiB = 2**20
 
@@ -87,7 +88,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
             ray.init(address=address, log_to_driver=log_to_driver)
         except ConnectionError as e:
             if _auth_refused(e):
-                raise ValueError(auth_help(address)) from e
+                from raeflow.errors import ServerError
+
+                raise ServerError(auth_help(address)) from e
             raise
         res = ray.cluster_resources()
         log(f"ray: joined cluster at {address} ({_fmt_resources(res)}, {len(ray.nodes())} node(s), token "
@@ -98,7 +101,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
     # _node_ip_address: measured here, the env flag above alone still left raylet, GCS and Serve's replicas
     # listening on every interface; naming the loopback address moves them to 127.0.0.1 (a local instance
     # never needs to be reached from another machine).
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": a new instance of our own, always. Without it ray.init() joins whatever cluster Ray's
+    # ``ray_current_cluster`` file names -- a dead one (then "object_store_memory must not be provided") or a live
+    # unrelated one, silently. Joining is only ever asked for, with --address or RAY_ADDRESS.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=object_store_memory or MIN_OBJECT_STORE, log_to_driver=log_to_driver)
     _started_by = owner
     log(f"ray: started a local instance ({_fmt_resources(ray.cluster_resources())}, object store "
@@ -186,16 +192,16 @@ def plan_workers(workers: int, cluster_cpus: float, cluster_gpus: float = 0.0, *
     count is set separately in each worker (cores on its node / workers on its node).
     """
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     if cluster_cpus <= 0:
-        raise ValueError("the Ray cluster reports no CPUs")
+        raise ConfigError("the Ray cluster reports no CPUs")
     gpus = 0.0
     if use_gpu:
         if cluster_gpus < 1:
-            raise ValueError(f"--gpu: the Ray cluster has no GPU ({cluster_cpus:g} CPU, 0 GPU). Drop --gpu to train "
+            raise ConfigError(f"--gpu: the Ray cluster has no GPU ({cluster_cpus:g} CPU, 0 GPU). Drop --gpu to train "
                              "on CPU, or connect to a cluster with GPUs (--address or RAY_ADDRESS).")
         if cluster_gpus < workers:
-            raise ValueError(f"--gpu: {workers} workers need one GPU each but the Ray cluster has "
+            raise ConfigError(f"--gpu: {workers} workers need one GPU each but the Ray cluster has "
                              f"{cluster_gpus:g}; use --workers {int(cluster_gpus)} or fewer")
         gpus = 1.0
     reserve = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
@@ -207,7 +213,7 @@ def plan_workers(workers: int, cluster_cpus: float, cluster_gpus: float = 0.0, *
         # Two decimals, rounded down, so the total never exceeds the budget.
         cpus = math.floor(100 * budget / workers) / 100
         if cpus < 0.01:
-            raise ValueError(f"{workers} workers on {cluster_cpus:g} CPUs leave less than 0.01 CPU each; use fewer "
+            raise ConfigError(f"{workers} workers on {cluster_cpus:g} CPUs leave less than 0.01 CPU each; use fewer "
                              "--workers")
         notes.append(f"fewer CPUs ({cluster_cpus:g}) than workers + Ray Data: fractional CPUs per worker, "
                      "workers share cores")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
+from raeflow.errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def register_model(name: str, summary: str = "", kind: str = "autoencoder") -> C
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise ValueError(f"variant {name!r} is registered twice ({_REGISTRY[name].cls} and {cls})")
+            raise ConfigError(f"variant {name!r} is registered twice ({_REGISTRY[name].cls} and {cls})")
         init = cls.__init__
         sig = inspect.signature(init)
 
@@ -89,7 +90,7 @@ def get_variant(name: str) -> VariantInfo:
     _load_builtin_variants()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown variant {name!r}; known variants: {known}")
+        raise UnknownNameError(f"unknown variant {name!r}; known variants: {known}")
     return _REGISTRY[name]
 
 
@@ -111,4 +112,4 @@ def build_model(name: str, **config: Any) -> nn.Module:
         return info.cls(**config)
     except TypeError as e:
         params = [p for p in inspect.signature(info.cls.__init__).parameters if p != "self"]
-        raise TypeError(f"cannot build variant {name!r} from {sorted(config)}: {e}. It accepts: {params}") from e
+        raise ConfigError(f"cannot build variant {name!r} from {sorted(config)}: {e}. It accepts: {params}") from e

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+from raeflow.errors import InputError, MissingFileError
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;
@@ -54,7 +55,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
     """What the page shows of one run directory (raises FileNotFoundError when it is not one)."""
     p = Path(path)
     if not (p / "metrics.jsonl").is_file() and not (p / "model").is_dir():
-        raise FileNotFoundError(f"{p} is not a raeflow run directory (no metrics.jsonl, no model/)")
+        raise MissingFileError(f"{p} is not a raeflow run directory (no metrics.jsonl, no model/)")
     rows = [json.loads(r) for r in (p / "metrics.jsonl").read_text().splitlines() if r.strip()] \
         if (p / "metrics.jsonl").is_file() else []
     cfg: dict[str, Any] = {}
@@ -137,7 +138,7 @@ def render(run_dirs: Sequence[str | Path], *, title: str | None = None,
     results); ``notes``: paragraphs of plain text shown under the title."""
     runs = [read_run(p) for p in run_dirs]
     if not runs:
-        raise ValueError("raeflow report needs at least one run directory")
+        raise InputError("raeflow report needs at least one run directory")
     title = title or ("raeflow report: " + ", ".join(r["name"] for r in runs))
     parts = [f"<h1>{html.escape(title)}</h1>", *[f"<p>{html.escape(n)}</p>" for n in notes]]
 

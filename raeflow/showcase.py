@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from raeflow.errors import RunExistsError
 
 
 def _free_port() -> int:
@@ -39,7 +40,7 @@ def showcase(output: str = "runs/showcase", *, epochs: int = 2, workers: int = 2
 
     out = Path(output)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty: choose another --output")
+        raise RunExistsError(f"{out} exists and is not empty: choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     hidden = hidden or [512, 128]
     figures: dict[str, object] = {}

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import raeflow
 from raeflow.config import RunConfig
+from raeflow.errors import InputError
 
 BACKENDS = ("mlflow", "tensorboard")
 TB_DIR = "tensorboard"
@@ -36,7 +37,7 @@ def check_backends(backends: Iterable[str]) -> list[str]:
     out = []
     for b in backends:
         if b not in BACKENDS:
-            raise ValueError(f"unknown tracker {b!r}; use one of {list(BACKENDS)}")
+            raise InputError(f"unknown tracker {b!r}; use one of {list(BACKENDS)}")
         if b not in out:
             out.append(b)
     return out

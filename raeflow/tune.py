@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
+from raeflow.errors import ConfigError, RunExistsError
 from raeflow.config import RunConfig, _number
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid")
@@ -38,17 +39,17 @@ class Dist:
     def parse(cls, text: str) -> "Dist":
         m = _DIST.match(text)
         if not m:
-            raise ValueError(f"cannot read {text!r} as a distribution; use one of "
+            raise ConfigError(f"cannot read {text!r} as a distribution; use one of "
                              f"{', '.join(d + '(...)' for d in DISTRIBUTIONS)}")
         kind, inner = m.group(1), m.group(2)
         args = [_number(a) for a in (yaml.safe_load(f"[{inner}]") or [])]  # YAML: 1e-3, [500, 250], 'relu'
         if not args:
-            raise ValueError(f"{kind}() needs values")
+            raise ConfigError(f"{kind}() needs values")
         if kind in ("uniform", "loguniform"):
             if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
-                raise ValueError(f"{kind}(lo, hi) takes two numbers lo < hi; got {text!r}")
+                raise ConfigError(f"{kind}(lo, hi) takes two numbers lo < hi; got {text!r}")
             if kind == "loguniform" and args[0] <= 0:
-                raise ValueError(f"loguniform needs lo > 0; got {text!r}")
+                raise ConfigError(f"loguniform needs lo > 0; got {text!r}")
         return cls(kind, args)
 
     def to_tune(self):
@@ -68,14 +69,14 @@ def parse_space(assignments: list[str]) -> dict[str, Dist]:
     space: dict[str, Dist] = {}
     for a in assignments:
         if "=" not in a:
-            raise ValueError(f"--space takes KEY=DIST, got {a!r}")
+            raise ConfigError(f"--space takes KEY=DIST, got {a!r}")
         key, dist = a.split("=", 1)
         key = key.strip()
         if key in space:
-            raise ValueError(f"--space {key} given twice")
+            raise ConfigError(f"--space {key} given twice")
         space[key] = Dist.parse(dist)
     if not space:
-        raise ValueError("give at least one --space KEY=DIST")
+        raise ConfigError("give at least one --space KEY=DIST")
     return space
 
 
@@ -89,7 +90,7 @@ def apply(base: dict[str, Any], values: dict[str, Any]) -> RunConfig:
             if node.get(p) is None:
                 node[p] = {}
             if not isinstance(node[p], dict):
-                raise ValueError(f"--space {key}: {p!r} is not a section")
+                raise ConfigError(f"--space {key}: {p!r} is not a section")
             node = node[p]
         node[parts[-1]] = value
     return RunConfig.from_dict(d)
@@ -144,7 +145,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str)
 
     def on_epoch(r) -> None:
         if metric not in r.metrics:
-            raise ValueError(f"metric {metric!r} is not among this run's metrics {sorted(r.metrics)}")
+            raise ConfigError(f"metric {metric!r} is not among this run's metrics {sorted(r.metrics)}")
         tune.report({metric: float(r.metrics[metric]), "epoch": r.epoch, "stage": r.stage,
                      "run_dir": cfg.output})
 
@@ -173,17 +174,17 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
               log: Callable[[str], None] = print) -> TuneResult:
     """Search ``space`` around ``base``; every trial is an in-process raeflow run under ``output/trials/``."""
     if not metric.startswith("val_"):
-        raise ValueError(f"--metric must be a validation metric (val_...), not {metric!r}: selecting on the "
+        raise ConfigError(f"--metric must be a validation metric (val_...), not {metric!r}: selecting on the "
                          "training or test split would report a biased figure")
     if mode not in ("min", "max"):
-        raise ValueError(f"--mode is min or max, not {mode!r}")
+        raise ConfigError(f"--mode is min or max, not {mode!r}")
     if scheduler not in (None, "asha"):
-        raise ValueError(f"unknown scheduler {scheduler!r}; use asha (or none)")
+        raise ConfigError(f"unknown scheduler {scheduler!r}; use asha (or none)")
     if not 0 < cpus_per_trial:
-        raise ValueError("--cpus-per-trial must be positive")
+        raise ConfigError("--cpus-per-trial must be positive")
     out = Path(output).resolve()
     if (out / "trials.csv").exists():
-        raise FileExistsError(f"{out} already holds a search (trials.csv); choose another --output")
+        raise RunExistsError(f"{out} already holds a search (trials.csv); choose another --output")
     base_dict = base.to_dict()
     base_dict["output"] = None
     # Every axis must land on a real config key: try each with its first value before starting anything.

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from raeflow.errors import InputError
 
 Log = Callable[[str], None]
 MiB = 2**20
@@ -223,7 +224,7 @@ def bench_embed(rows: int = 1_000_000, *, memory_rows: int = 100_000, model: str
     from raeflow.raycluster import ensure_ray, shutdown_if_started
 
     if rows < 1 or memory_rows < 1:
-        raise ValueError("--rows and --memory-rows must be at least 1")
+        raise InputError("--rows and --memory-rows must be at least 1")
     base = Path(workdir or tempfile.mkdtemp(prefix="raeflow-bench-embed-"))
     base.mkdir(parents=True, exist_ok=True)
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from raeflow.errors import InputError
 
 Log = Callable[[str], None]
 
@@ -253,7 +254,7 @@ def clean_images(shape: Sequence[int], n: int) -> np.ndarray:
 
     name = {(1, 28, 28): "mnist", (1, 8, 8): "digits"}.get(tuple(shape))
     if name is None:
-        raise ValueError(f"bench serve has test images for 1x28x28 (mnist) and 1x8x8 (digits) models, not {shape}")
+        raise InputError(f"bench serve has test images for 1x28x28 (mnist) and 1x8x8 (digits) models, not {shape}")
     return load_eval_data(name).x[:n].astype(np.float64)
 
 
@@ -364,7 +365,7 @@ def bench_serve(models: Sequence[str], *, requests: int = 5000, concurrencies: S
 
     unknown = set(modes) - set(MODES)
     if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+        raise InputError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     options = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_ms / 1000,
                "max_ongoing_requests": max_ongoing_requests, "threads": threads}
     report: dict[str, Any] = {"machine": machine(), "requests": requests, "concurrency": list(concurrencies),

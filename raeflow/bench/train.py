@@ -29,6 +29,7 @@ import torch.nn as nn
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_training_data
 from raeflow.registry import build_model
+from raeflow.errors import InputError
 
 HIDDEN = [1000, 500, 250]
 LATENT = 30
@@ -189,7 +190,7 @@ def run_bench(*, epochs: int = 3, limit: int | None = None, batch_size: int = 12
     from raeflow import raycluster
 
     if epochs < 2:
-        raise ValueError("--epochs must be at least 2: the first epoch is excluded from steady state")
+        raise InputError("--epochs must be at least 2: the first epoch is excluded from steady state")
     threads = threads or (os.cpu_count() or 1)
     data = load_training_data("mnist")
     epoch_rows = len(data.train)  # a full MNIST epoch, for the one-epoch figure

@@ -13,6 +13,7 @@ import numpy as np
 
 from raeflow.data.catalog import known_datasets, parse_spec  # noqa: F401
 from raeflow.data.core import ArrayDataset, RawSplit, register_dataset, validation_size  # noqa: F401
+from raeflow.errors import InputError
 
 
 @dataclass
@@ -30,7 +31,7 @@ def _raw(spec: str, default_split: str) -> tuple[str, str, str, RawSplit]:
         ds = datasets[name]
         split = split or default_split
         if split not in ds.splits:
-            raise ValueError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+            raise InputError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
         return name, split, ds.kind, ds.load(split)
     if Path(spec).exists():
         from raeflow.data.user import load_user_data
@@ -38,7 +39,7 @@ def _raw(spec: str, default_split: str) -> tuple[str, str, str, RawSplit]:
         kind, raw = load_user_data(spec)
         return str(spec), "all", kind, raw
     known = ", ".join(sorted(datasets))
-    raise ValueError(f"unknown dataset {spec!r}: not a built-in dataset ({known}) nor an existing path")
+    raise InputError(f"unknown dataset {spec!r}: not a built-in dataset ({known}) nor an existing path")
 
 
 def load_training_data(spec: str, val_size: int | float | None = None, *, vocab_size: int = 2000,
@@ -50,7 +51,7 @@ def load_training_data(spec: str, val_size: int | float | None = None, *, vocab_
     """
     name, split, kind, raw = _raw(spec, "train")
     if split == "test":
-        raise ValueError(f"{spec}: the test split is for `raeflow eval`, not for training")
+        raise InputError(f"{spec}: the test split is for `raeflow eval`, not for training")
     n = len(raw.x)
     k = validation_size(n, val_size)
     cut = n - k
@@ -74,7 +75,7 @@ def load_eval_data(spec: str, vectoriser: Any = None, default_split: str = "test
     name, split, kind, raw = _raw(spec, default_split)
     if kind == "text":
         if vectoriser is None:
-            raise ValueError(f"{spec} holds documents: pass the model's vectoriser (saved with the model)")
+            raise InputError(f"{spec} holds documents: pass the model's vectoriser (saved with the model)")
         x, prep = vectoriser.transform(raw.x), {"vectoriser": vectoriser.describe()}
     else:
         x, prep = np.ascontiguousarray(raw.x, dtype=np.float32), {"pixels": "bytes/255"}

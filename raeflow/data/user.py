@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from raeflow.data.core import RawSplit
+from raeflow.data.core import RawSplit, check_budget, data_budget  # noqa: F401 - re-exported
 from raeflow.data.text import check_document, read_text_file
+from raeflow.errors import InputError, MissingFileError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SUPPORTED = (f"a folder of images ({' '.join(IMAGE_EXTS)}), a folder of .txt files, a .jsonl file with a \"text\" "
@@ -31,11 +33,32 @@ MODES = {"L": 1, "RGB": 3}
 Size = tuple[int, int]
 
 
+#: Pixels one image may have (header checked before decoding): 40 megapixels, more than any camera photo. A
+#: 10000x10000 PNG compresses to 250 KB and decodes to 100 MB (300 MB RGB; 1.2 GB as float32): refused.
+MAX_IMAGE_PIXELS = 40_000_000
+#: Bytes one image file may have: far above any single image.
+MAX_IMAGE_FILE_BYTES = 256 << 20
+#: A JSONL corpus is read whole (1 GiB is ~ a million long documents).
+MAX_JSONL_BYTES = 1 << 30
+#: When no size is given, images are resized to the first image's size -- but never above this many pixels
+#: (aspect kept): a huge first file must not make every image that large.
+MAX_DEFAULT_PIXELS = 256 * 256
+
+
+def default_size(first: tuple[int, int]) -> Size:
+    """``first`` (H, W), scaled down (aspect kept) to at most :data:`MAX_DEFAULT_PIXELS`."""
+    h, w = int(first[0]), int(first[1])
+    if h * w <= MAX_DEFAULT_PIXELS:
+        return h, w
+    f = math.sqrt(MAX_DEFAULT_PIXELS / (h * w))
+    return max(1, int(h * f)), max(1, int(w * f))
+
+
 def _check_options(size: Size | None, mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"image mode must be one of {list(MODES)}, got {mode!r}")
+        raise InputError(f"image mode must be one of {list(MODES)}, got {mode!r}")
     if size is not None and not (len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"size must be (height, width) in positive integers, got {size!r}")
+        raise InputError(f"size must be (height, width) in positive integers, got {size!r}")
 
 
 def decode_image(data: bytes, size: Size | None = None, mode: str = "L", name: str = "<image bytes>") -> np.ndarray:
@@ -45,15 +68,18 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "L", name: s
     """
     _check_options(size, mode)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+            raise InputError(f"{name}: {img.size[0]}x{img.size[1]} pixels is over the limit of "
+                             f"{MAX_IMAGE_PIXELS:,} pixels per image; downscale it")
         img.load()  # decode now, so a truncated file fails here rather than half-read
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name}: not a readable image ({e})") from None
+        raise InputError(f"{name}: not a readable image ({e})") from None
     if img.mode.startswith("I;16"):
         # Pillow's conversion to "L" clips 16-bit values at 255 instead of scaling them: scale here.
         img = Image.fromarray(np.asarray(img, np.float32) / 257.0)  # mode "F", 0..255
     elif img.mode in ("I", "F"):
-        raise ValueError(f"{name}: {img.mode!r} images (32-bit pixels) have no fixed range; save it as 8- or 16-bit")
+        raise InputError(f"{name}: {img.mode!r} images (32-bit pixels) have no fixed range; save it as 8- or 16-bit")
     else:
         img = img.convert(mode)
     if size is not None and img.size != (size[1], size[0]):
@@ -70,20 +96,33 @@ def load_user_data(path: str | Path, *, size: Size | None = None, mode: str = "L
     _check_options(size, mode)
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such file or folder")
+        raise MissingFileError(f"{root}: no such file or folder")
     if root.is_dir():
         return _load_folder(root, size, mode)
+    from raeflow.io import regular_file
+
+    regular_file(root, MAX_JSONL_BYTES if root.suffix.lower() == ".jsonl" else 1 << 40, "a data file")
     suffix = root.suffix.lower()
     if suffix == ".jsonl":
         return "text", _load_jsonl(root)
     if suffix == ".parquet":
         return _load_parquet(root, [(root, "")], size, mode)
-    raise ValueError(f"{root}: unsupported file type {suffix or '(no extension)'}; supported: {SUPPORTED}")
+    raise InputError(f"{root}: unsupported file type {suffix or '(no extension)'}; supported: {SUPPORTED}")
 
 
 def _load_folder(root: Path, size: Size | None, mode: str) -> tuple[str, RawSplit]:
-    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*")
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    files = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or p.is_dir():
+            continue
+        if not p.is_file():  # a FIFO, a device, a broken link: reading it would hang or fail later, unnamed
+            if p.suffix.lower() in (*IMAGE_EXTS, ".txt", ".parquet"):
+                from raeflow.io import regular_file
+
+                regular_file(p, 0, "a data file")  # raises, naming what it is
+            continue
+        files[rel.as_posix()] = p
     groups: dict[str, list[str]] = {"image": [], "text": [], "parquet": []}
     for rel in sorted(files):
         ext = Path(rel).suffix.lower()
@@ -94,10 +133,10 @@ def _load_folder(root: Path, size: Size | None, mode: str) -> tuple[str, RawSpli
     if not present:
         found = Counter(Path(rel).suffix.lower() or "(no extension)" for rel in files)
         what = ", ".join(f"{n} {ext}" for ext, n in found.most_common()) or "it is empty"
-        raise ValueError(f"{root}: no usable files ({what}); supported: {SUPPORTED}")
+        raise InputError(f"{root}: no usable files ({what}); supported: {SUPPORTED}")
     if len(present) > 1:
         mix = " and ".join(f"{len(v)} {k} files" for k, v in present.items())
-        raise ValueError(f"{root}: mixes {mix}; a dataset holds one kind, so put them in separate folders")
+        raise InputError(f"{root}: mixes {mix}; a dataset holds one kind, so put them in separate folders")
     kind, ids = present.popitem()
     if kind == "parquet":
         return _load_parquet(root, [(files[rel], f"{rel}#") for rel in ids], size, mode)
@@ -120,10 +159,19 @@ def _folder_labels(ids: list[str]) -> tuple[np.ndarray | None, list[str] | None]
 def _decode_all(items: list[tuple[bytes | Path, str]], size: Size | None, mode: str) -> np.ndarray:
     """Decode ``(bytes or file, name)`` items into one array, sized like the first image unless ``size``."""
     def decode(src: bytes | Path, name: str, size: Size | None) -> np.ndarray:
-        return decode_image(src.read_bytes() if isinstance(src, Path) else src, size, mode, name)
+        if isinstance(src, Path):
+            from raeflow.io import regular_file
 
+            src = regular_file(src, MAX_IMAGE_FILE_BYTES, "an image").read_bytes()
+        return decode_image(src, size, mode, name)
+
+    # The size is decided before anything is allocated: the one asked for, else the first image's, bounded.
     first = decode(*items[0], size)
-    size = size or first.shape[1:]
+    if size is None:
+        size = default_size(first.shape[1:])
+        if tuple(size) != tuple(first.shape[1:]):
+            first = decode(*items[0], size)
+    check_budget(len(items), first.size, f"{len(items):,} images of {first.shape}")
     x = np.empty((len(items), *first.shape), np.float32)  # filled in place: no second copy of the dataset
     x[0] = first
     for i, (src, name) in enumerate(items[1:], start=1):
@@ -137,10 +185,10 @@ def _labels(values: list[Any], names: list[str]) -> tuple[np.ndarray | None, lis
     if len(missing) == len(values):
         return None, None
     if missing:
-        raise ValueError(f"{missing[0]}: no label, but other rows have one; label every row or none")
+        raise InputError(f"{missing[0]}: no label, but other rows have one; label every row or none")
     for n, v in zip(names, values, strict=True):
         if not isinstance(v, (str, int)) or isinstance(v, bool):
-            raise ValueError(f"{n}: a label must be a string or an integer, got {v!r}")
+            raise InputError(f"{n}: a label must be a string or an integer, got {v!r}")
     numeric = all(isinstance(v, int) for v in values)
     classes = [str(v) for v in sorted(set(values))] if numeric else sorted(set(map(str, values)))
     index = {c: k for k, c in enumerate(classes)}
@@ -152,11 +200,11 @@ def _ids(values: list[Any], names: list[str], defaults: list[str]) -> list[str]:
     if len(missing) == len(values):
         return defaults
     if missing:
-        raise ValueError(f"{missing[0]}: no id, but other rows have one; give every row an id or none")
+        raise InputError(f"{missing[0]}: no id, but other rows have one; give every row an id or none")
     ids = [str(v) for v in values]
     dup = next((i for i, n in Counter(ids).items() if n > 1), None)
     if dup is not None:
-        raise ValueError(f"{names[ids.index(dup)]}: id {dup!r} is not unique")
+        raise InputError(f"{names[ids.index(dup)]}: id {dup!r} is not unique")
     return ids
 
 
@@ -164,7 +212,7 @@ def _load_jsonl(path: Path) -> RawSplit:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     docs, labels, ids, names = [], [], [], []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks on.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -174,15 +222,15 @@ def _load_jsonl(path: Path) -> RawSplit:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or "text" not in rec:
-            raise ValueError(f"{where}: expected a JSON object with a \"text\" field")
+            raise InputError(f"{where}: expected a JSON object with a \"text\" field")
         docs.append(check_document(rec["text"], where))
         labels.append(rec.get("label"))
         ids.append(rec.get("id"))
         names.append(where)
     if not docs:
-        raise ValueError(f"{path}: no documents (the file has no JSON lines)")
+        raise InputError(f"{path}: no documents (the file has no JSON lines)")
     y, classes = _labels(labels, names)
     return RawSplit(docs, y, classes, _ids(ids, names, [str(i) for i in range(len(docs))]))
 
@@ -198,14 +246,14 @@ def _load_parquet(root: Path, files: list[tuple[Path, str]], size: Size | None, 
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
         cols = set(table.column_names)
         if ("text" in cols) == ("image" in cols):
-            raise ValueError(f"{path}: needs exactly one of the columns \"text\" (documents) or \"image\" "
+            raise InputError(f"{path}: needs exactly one of the columns \"text\" (documents) or \"image\" "
                              f"(encoded images or float arrays); it has {sorted(cols)}")
         this = "text" if "text" in cols else "image"
         if kind not in (None, this):
-            raise ValueError(f"{path}: holds {this} rows but earlier files hold {kind}; a dataset holds one kind")
+            raise InputError(f"{path}: holds {this} rows but earlier files hold {kind}; a dataset holds one kind")
         kind = this
         n = table.num_rows
         rows = [f"{path} row {i}" for i in range(n)]
@@ -216,14 +264,14 @@ def _load_parquet(root: Path, files: list[tuple[Path, str]], size: Size | None, 
         names.extend(rows)
         defaults.extend(f"{prefix}{i}" for i in range(n))
     if not values:
-        raise ValueError(f"{root}: no rows")
+        raise InputError(f"{root}: no rows")
     y, classes = _labels(labels, names)
     row_ids = _ids(ids, names, defaults)
     if kind == "text":
         return "text", RawSplit(values, y, classes, row_ids)
     encoded = [isinstance(v, bytes) for v in values]
     if any(encoded) and not all(encoded):
-        raise ValueError(f"{names[encoded.index(not encoded[0])]}: mixes encoded images and float arrays with "
+        raise InputError(f"{names[encoded.index(not encoded[0])]}: mixes encoded images and float arrays with "
                          f"{names[0]}; a dataset holds one kind")
     if encoded[0]:
         return "image", RawSplit(_decode_all(list(zip(values, names, strict=True)), size, mode), y, classes, row_ids)
@@ -250,11 +298,11 @@ def _image_column(col: Any, path: Path, names: list[str]) -> list[Any]:
     elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         out = list(col.to_numpy(zero_copy_only=False))  # one (nested object) array per row
     else:
-        raise ValueError(f"{path}: the image column must hold encoded image bytes "
+        raise InputError(f"{path}: the image column must hold encoded image bytes "
                          f"(PNG/JPEG…) or lists of floats, found {t}")
     for v, n in zip(out, names, strict=True):
         if v is None:
-            raise ValueError(f"{n}: no image (null)")
+            raise InputError(f"{n}: no image (null)")
     return out
 
 
@@ -266,32 +314,33 @@ def _float_image(value: Any, size: Size | None, name: str) -> np.ndarray:
     try:
         a = np.asarray(dense(value), np.float32)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{name}: not a rectangular array of numbers ({e})") from None
+        raise InputError(f"{name}: not a rectangular array of numbers ({e})") from None
     if a.ndim == 1:
         h, w = size or (math.isqrt(a.size),) * 2
         if h * w == 0 or a.size % (h * w) or a.size // (h * w) not in (1, 3):
             hint = f"size={size}" if size else "not square; pass size=(H, W)"
-            raise ValueError(f"{name}: wrong shape: {a.size} values do not make a 1- or 3-channel image ({hint})")
+            raise InputError(f"{name}: wrong shape: {a.size} values do not make a 1- or 3-channel image ({hint})")
         a = a.reshape(-1, h, w)
     elif a.ndim == 2:
         a = a[None]
     if a.ndim != 3 or a.shape[0] not in (1, 3):
-        raise ValueError(f"{name}: wrong shape {a.shape}: expected (H, W), (C, H, W) with C 1 or 3, or a flat list")
+        raise InputError(f"{name}: wrong shape {a.shape}: expected (H, W), (C, H, W) with C 1 or 3, or a flat list")
     if size and a.shape[1:] != tuple(size):
-        raise ValueError(f"{name}: wrong shape {a.shape}: size={size} was asked for and float images are not resized")
+        raise InputError(f"{name}: wrong shape {a.shape}: size={size} was asked for and float images are not resized")
     if not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
-        raise ValueError(f"{name}: pixel values must be finite and in [0, 1] (e.g. bytes / 255); found "
+        raise InputError(f"{name}: pixel values must be finite and in [0, 1] (e.g. bytes / 255); found "
                          f"min {np.nanmin(a):g}, max {np.nanmax(a):g}")
     return a
 
 
 def _stack_arrays(values: list[Any], names: list[str], size: Size | None) -> np.ndarray:
     first = _float_image(values[0], size, names[0])
+    check_budget(len(values), first.size, f"{len(values):,} images of {first.shape}")
     x = np.empty((len(values), *first.shape), np.float32)
     for i, (v, n) in enumerate(zip(values, names, strict=True)):
         a = first if i == 0 else _float_image(v, size, n)
         if a.shape != first.shape:
-            raise ValueError(f"{n}: wrong shape {a.shape}: the first row is {first.shape} and float images are not "
+            raise InputError(f"{n}: wrong shape {a.shape}: the first row is {first.shape} and float images are not "
                              "resized; give every row one shape")
         x[i] = a
     return x

@@ -29,6 +29,7 @@ import torch
 
 from raeflow.artifact import TrainedModel
 from raeflow.models import capabilities as cap
+from raeflow.errors import InputError
 
 #: Batch columns this module reads and writes.
 ID, LABEL, ERROR, X, TEXT, EMBEDDING, LOGVAR, CODES = "id", "label", "error", "x", "text", "embedding", "logvar", "codes"
@@ -97,7 +98,7 @@ def dense_rows(col: Any, dim: int) -> np.ndarray:
         if a.dtype == object:
             a = np.stack([np.asarray(v) for v in a])
     if a.size != len(col) * dim:
-        raise ValueError(f"expected {dim} values per row, got {a.size} for {len(col)} rows")
+        raise InputError(f"expected {dim} values per row, got {a.size} for {len(col)} rows")
     out = a.reshape(len(col), dim)
     if out.dtype == np.uint8:
         return out.astype(np.float32) / np.float32(255.0)  # the data layer's bytes / 255
@@ -122,7 +123,7 @@ class Encoder:
         self.device = self.artifact.device
         self.capabilities = self.artifact.capabilities
         if cap.ENCODE not in self.capabilities:
-            raise ValueError(f"a {self.artifact.variant} model has no encoder (capabilities "
+            raise InputError(f"a {self.artifact.variant} model has no encoder (capabilities "
                              f"{sorted(self.capabilities)}): there is nothing to embed with it")
         self.input_shape: tuple[int, ...] = self.artifact.input.shape
         self.kind: str = self.artifact.input.kind
@@ -160,7 +161,7 @@ class Encoder:
         """``(N, *input_shape)`` float32 -> every code column the model's capabilities give, each ``(N, ...)``."""
         x = np.asarray(x, np.float32)
         if x.ndim == 0 or x.size != len(x) * self.input_dim:
-            raise ValueError(f"expected inputs of shape {self.input_shape} ({self.input_dim} values per row), "
+            raise InputError(f"expected inputs of shape {self.input_shape} ({self.input_dim} values per row), "
                              f"got an array of shape {x.shape}")
         n = len(x)
         out = {EMBEDDING: np.empty((n, self.latent_dim), np.float32)}
@@ -184,7 +185,7 @@ class Encoder:
 
     def vectorise(self, docs: Sequence[str]) -> np.ndarray:
         if self.vectoriser is None:
-            raise ValueError(f"this is an {self.kind} model (input shape {list(self.input_shape)}): it does not "
+            raise InputError(f"this is an {self.kind} model (input shape {list(self.input_shape)}): it does not "
                              "take text")
         return self.vectoriser.transform(list(docs))
 
@@ -220,13 +221,13 @@ class Encoder:
         if self.kind == "text":
             col = _column(batch, TEXT)
             if col is None:
-                raise ValueError("this document model needs a 'text' column in the batch")
+                raise InputError("this document model needs a 'text' column in the batch")
             docs = _strings(col, n)
             docs = docs if take is None else docs.take(take)
             return self.encode_columns(self.vectorise(docs.to_pylist()))
         col = _column(batch, X)
         if col is None:
-            raise ValueError("this image model needs an 'x' column (the decoded image) in the batch")
+            raise InputError("this image model needs an 'x' column (the decoded image) in the batch")
         if isinstance(col, (pa.Array, pa.ChunkedArray)):
             x = dense_rows(col if take is None else col.take(take), self.input_dim)
         else:
@@ -241,5 +242,5 @@ def _num_rows(batch: Any) -> int:
         return batch.num_rows
     col = _column(batch, ID)
     if col is None:
-        raise ValueError("a batch needs an 'id' column")
+        raise InputError("a batch needs an 'id' column")
     return len(col)

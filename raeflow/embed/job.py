@@ -63,6 +63,7 @@ def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str
     todo = source.todo(done)
     schema = output_schema(encoder, meta)
     writer = PartWriter(out, schema, errors_schema(meta), file_rows or rows_per_file(schema), first_part)
+    writer.already(done)
     md = art.path
     log(f"embed: {source.spec} ({source.kind}) with {art.variant} {md} (sha256 {meta['raeflow.model_sha256'][:12]})"
         + (f"; {len(done):,} rows already done" if len(done) else ""))

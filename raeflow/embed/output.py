@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from raeflow.artifact import TrainedModel
 from raeflow.embed.encoder import ERROR, ID, embedding_schema
 from raeflow.version import __version__
+from raeflow.errors import InputError, MissingFileError, RunExistsError
 
 ERRORS_DIR = "_errors"
 MANIFEST = "_raeflow_embed.json"
@@ -119,9 +120,25 @@ class PartWriter:
         self.embedded = 0
         self.errors = 0
         self.files: list[Path] = []
+        #: every id taken so far (committed before a resume, then written): the readers turn a repeated id into
+        #: an error row within one file; this catches one repeated across files, which no reader task sees whole
+        self.seen: set[str] = set()
+
+    def already(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        """Ids committed by an earlier run (resume): a new row may not reuse them either."""
+        self.seen.update(i for i in ids.to_pylist() if i is not None)
 
     def add(self, table: pa.Table) -> tuple[int, int]:
         """Take one encoder output table; returns (embedded, errors) in it."""
+        ids = table.column(ID).to_pylist()
+        fresh = set(ids)
+        if len(fresh) != len(ids) or not self.seen.isdisjoint(fresh):
+            from collections import Counter
+
+            dup = next((i for i in ids if i in self.seen), None) or Counter(ids).most_common(1)[0][0]
+            raise InputError(f"duplicate id {dup!r} in two input files (or in two row groups); ids must be unique "
+                             f"across the whole input. {self.out} holds what was committed before it")
+        self.seen |= fresh
         err = table.column(ERROR)
         bad = err.is_valid()
         n_bad = pc.sum(bad).as_py() or 0
@@ -208,7 +225,7 @@ def check_resumable(out: Path, meta: dict[str, str]) -> None:
     for key in ("raeflow.model_sha256", "raeflow.input"):
         was = old.get(key.encode(), b"").decode()
         if was != meta[key]:
-            raise ValueError(f"--resume: {out} was written with {key} = {was!r}, this job has {meta[key]!r}; "
+            raise InputError(f"--resume: {out} was written with {key} = {was!r}, this job has {meta[key]!r}; "
                              "resume with the same model and input, or write to a new --output")
 
 
@@ -218,7 +235,7 @@ def prepare_output(out: Path, meta: dict[str, str], resume: bool, log: Callable[
     out.mkdir(parents=True, exist_ok=True)
     existing = part_files(out) + error_files(out)
     if existing and not resume:
-        raise FileExistsError(f"{out} already holds {len(existing)} embedding file(s): pass --resume to finish "
+        raise RunExistsError(f"{out} already holds {len(existing)} embedding file(s): pass --resume to finish "
                               "that job, or choose a new --output")
     if resume:
         check_resumable(out, meta)
@@ -247,6 +264,6 @@ def read_metadata(out: str | os.PathLike) -> dict[str, str]:
     """The ``raeflow.*`` schema metadata of an embeddings directory."""
     files = part_files(Path(out))
     if not files:
-        raise FileNotFoundError(f"{out}: no part-*.parquet files (not a `raeflow embed` output)")
+        raise MissingFileError(f"{out}: no part-*.parquet files (not a `raeflow embed` output)")
     md = pq.read_schema(files[0]).metadata or {}
     return {k.decode(): v.decode() for k, v in md.items() if k.startswith(b"raeflow.")}

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from raeflow.data.text import check_document, read_text_file
 from raeflow.data.user import IMAGE_EXTS, decode_image
 from raeflow.embed.encoder import ERROR, ID, LABEL, TEXT, X
+from raeflow.errors import InputError
 
 
 #: Rows per block a read task emits: big enough to amortise per-block overhead, small enough that a block of
@@ -59,7 +60,7 @@ class Prep:
         shape, kind = art.input.shape, art.input.kind
         kind = "text" if kind in ("text", "vector") and len(shape) == 1 else kind
         if kind == "image" and len(shape) != 3:
-            raise ValueError(f"an image model must take (C, H, W) inputs; this one takes {list(shape)}")
+            raise InputError(f"an image model must take (C, H, W) inputs; this one takes {list(shape)}")
         return cls(kind, shape)
 
 
@@ -124,7 +125,7 @@ def decode_images(items: Sequence[tuple[str, Any]], prep: Prep) -> tuple[np.ndar
             if isinstance(data, BaseException):
                 raise data
             if data is None:
-                raise ValueError(f"{name}: no image (null)")
+                raise InputError(f"{name}: no image (null)")
             x[i] = decode_image(data, prep.size, prep.mode, name).reshape(-1)
             errors.append(None)
         except Exception as e:  # noqa: BLE001 - any failure of one file is that row's error, never the job's
@@ -143,7 +144,9 @@ def decode_image_files(batch: pa.Table, *, root: str, prep: Prep, labelled: bool
     items: list[tuple[str, Any]] = []
     for rel in rels:
         try:
-            items.append((rel, (Path(root) / rel).read_bytes()))
+            items.append((rel, read_input_file(root, rel, MAX_IMAGE_FILE_BYTES)))
+        except ValueError as e:  # not a regular file, too large, an undecodable name
+            items.append((rel, e))
         except OSError as e:  # vanished or unreadable since it was listed
             items.append((rel, ValueError(f"{rel}: cannot read ({e.strerror or e})")))
     x, errors = decode_images(items, prep)
@@ -158,6 +161,7 @@ def read_text_files(batch: pa.Table, *, root: str, labelled: bool) -> pa.Table:
     texts, errors = [], []
     for rel in rels:
         try:
+            read_input_file(root, rel, MAX_TEXT_FILE_BYTES, read=False)  # a FIFO or /dev/zero never ends a read
             texts.append(read_text_file(Path(root) / rel))
             errors.append(None)
         except Exception as e:  # noqa: BLE001 - one unreadable document is that row's error
@@ -215,9 +219,9 @@ def array_images(col: pa.Array, names: Sequence[str], prep: Prep, out_dtype: Any
             try:
                 a = np.asarray(v) if v is not None else None
                 if a is None:
-                    raise ValueError(f"{names[i]}: no image (null)")
+                    raise InputError(f"{names[i]}: no image (null)")
                 if a.dtype == object or a.size != d or not np.issubdtype(a.dtype, np.number):
-                    raise ValueError(f"{names[i]}: wrong shape {a.shape}: the model takes {tuple(prep.input_shape)} "
+                    raise InputError(f"{names[i]}: wrong shape {a.shape}: the model takes {tuple(prep.input_shape)} "
                                      "(arrays are not resized)")
                 rows[i] = len(arrays)
                 arrays.append(a.reshape(-1))
@@ -250,19 +254,65 @@ def _strings_or_nulls(col: pa.Array | None, n: int) -> pa.Array:
         return pa.nulls(n, pa.string())
     return col if col.type == pa.string() else pc.cast(col, pa.string())
 
+#: Ids of files whose names are not UTF-8 start with this (a name os.walk can list but Arrow cannot hold): the
+#: row becomes an error naming the bytes, instead of the whole job failing on one name.
+BAD_NAME = "<file name not UTF-8: "
+#: A file raeflow embed reads whole: far above any image or document, far below memory.
+MAX_IMAGE_FILE_BYTES = 256 << 20
+MAX_TEXT_FILE_BYTES = 64 << 20
+
+
+def safe_name(rel: str) -> str:
+    """``rel`` when it is valid UTF-8; else ``BAD_NAME + repr(bytes) + ">"`` (os.walk decodes undecodable bytes to
+    lone surrogates, which no Parquet string can hold)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return f"{BAD_NAME}{os.fsencode(rel)!r}>"
+
+
+def read_input_file(root: str | Path, rel: str, limit: int, read: bool = True) -> bytes | None:
+    """The bytes of ``root/rel`` (or, with ``read=False``, just the checks): a ValueError naming the row when its
+    name is not UTF-8, or it is not a regular file (a FIFO, a device such as /dev/zero behind a symlink, a
+    broken link), or it is larger than ``limit`` -- any of which would hang or exhaust a read."""
+    import stat
+
+    if rel.startswith(BAD_NAME):
+        raise InputError(f"{rel[len(BAD_NAME):-1]}: the file name is not valid UTF-8; rename the file")
+    path = Path(root) / rel
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{rel}: cannot read (no such file: a broken link, or removed since it was listed)") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file")
+        raise InputError(f"{rel}: {kind}, not a regular file")
+    if st.st_size > limit:
+        raise InputError(f"{rel}: {st.st_size:,} bytes is over the {limit:,}-byte limit per file")
+    if not read:
+        return None
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
 def _list_files(root: Path) -> list[str]:
+    """Relative paths of the files under ``root`` (hidden ones skipped), undecodable names made safe. Every
+    entry that is not a folder is listed -- FIFOs, devices, broken links too -- so that each becomes an error
+    row naming it rather than a hang or a silent gap."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden folders are not data
         rel_dir = Path(dirpath).relative_to(root)
         for f in filenames:
             if not f.startswith("."):
-                out.append((rel_dir / f).as_posix())
+                out.append(safe_name((rel_dir / f).as_posix()))
     return sorted(out)
 
 
 def _kind_of(rel: str) -> str | None:
-    ext = Path(rel).suffix.lower()
+    ext = Path(rel.rstrip(">'\"") if rel.startswith(BAD_NAME) else rel).suffix.lower()
     return "image" if ext in IMAGE_EXTS else {".txt": "text", ".parquet": "parquet", ".jsonl": "jsonl"}.get(ext)
 
 def read_parquet_units(units: pa.Table, *, files, column, id_column, label_column, prep: Prep, kind: str,
@@ -282,6 +332,7 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
             ids = pc.if_else(ids.is_null(), pa.array([f"{prefix}{first + i}" for i in range(n)]), ids)
         else:
             ids = pa.array([f"{prefix}{first + i}" for i in range(n)], pa.string())
+        ids, dup_errors = _dedupe_array(ids, first, Path(path).name)
         keep = (pc.invert(pc.is_in(ids, value_set=done)) if len(done) else None)
         start = 0
         for rb in pf.iter_batches(batch_size=block_rows, row_groups=[g], columns=cols, use_threads=False):
@@ -299,8 +350,12 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
             labels = _strings_or_nulls(t.column(label_column).combine_chunks()
                                        if label_column and label_column in t.column_names else None, t.num_rows)
             col = t.column(column).combine_chunks()
+            dups = [dup_errors.get(r) for r in rows.tolist()] if dup_errors else None
             if kind == "text":
                 texts, errors = check_texts(col.to_pylist(), where)
+                if dups:
+                    errors = [d or e for d, e in zip(dups, errors)]
+                    texts = [None if d else t_ for d, t_ in zip(dups, texts)]
                 yield rows_table(bid.to_pylist(), labels, errors, text=texts)
                 continue
             inner = _unwrap(col)
@@ -312,6 +367,8 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
                 x = np.zeros((t.num_rows, prep.dim), np.float32)
                 errors = [f"{w}: the image column must hold encoded image bytes or arrays, found {inner.type}"
                           for w in where]
+            if dups:
+                errors = [d or e for d, e in zip(dups, errors)]
             yield rows_table(bid.to_pylist(), labels, errors, x=x)
 
 def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_field: str | None, done: Any,
@@ -323,6 +380,8 @@ def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_
     for path in batch.column("path").to_pylist():
         ids, labels, texts, errors = [], [], [], []
         index = 0
+        seen: set[str] = set()  # one file is one task: every duplicate is caught as the rows stream by
+        read_input_file(Path(path).parent, Path(path).name, 1 << 62, read=False)  # a FIFO would never end
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -334,13 +393,13 @@ def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                     rec = json.loads(line)
                     if not isinstance(rec, dict):
-                        raise ValueError(f"{where}: expected a JSON object")
+                        raise InputError(f"{where}: expected a JSON object")
                     if id_field and rec.get(id_field) is not None:
                         rid = str(rec[id_field])
                     if label_field and rec.get(label_field) is not None:
                         label = str(rec[label_field])
                     if text_field not in rec:
-                        raise ValueError(f"{where}: no {text_field!r} field")
+                        raise InputError(f"{where}: no {text_field!r} field")
                     text = check_document(rec[text_field], where)
                 except UnicodeDecodeError as e:
                     err = f"{where}: not UTF-8 text (invalid byte at offset {e.start})"
@@ -348,6 +407,9 @@ def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_
                     err = f"{where}: not valid JSON ({e.msg})"
                 except ValueError as e:
                     err, text = str(e), None
+                rid, dup = dedupe(rid, seen, where)
+                if dup:
+                    err, text = dup, None
                 if rid in done_set:
                     continue
                 ids.append(rid)
@@ -359,6 +421,31 @@ def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_
                     ids, labels, texts, errors = [], [], [], []
         if ids:
             yield rows_table(ids, labels, errors, text=texts)
+
+
+def dedupe(rid: str, seen: set[str], where: str) -> tuple[str, str | None]:
+    """``(id, None)`` the first time ``rid`` is seen; afterwards ``(rid + "#duplicate@" + where, error)``.
+
+    A repeated id is an error row, never a second embedding under the same id: on ``--resume`` every row whose
+    id is committed is skipped, so two rows sharing an id would lose the later one silently. The error row's id
+    names its position, so it is unique, is committed once, and a resume skips exactly it."""
+    if rid in seen:
+        return f"{rid}#duplicate@{where}", f"{where}: duplicate id {rid!r} (an earlier row has it); ids must be unique"
+    seen.add(rid)
+    return rid, None
+
+
+def _dedupe_array(ids: pa.Array, first: int, name: str) -> tuple[pa.Array, dict[int, str]]:
+    """Vectorised :func:`dedupe` over one row group's ids: (new ids, {row number: error})."""
+    if len(ids) == 0 or pc.count_distinct(ids).as_py() == len(ids):
+        return ids, {}
+    out, errors, seen = [], {}, set()
+    for i, rid in enumerate(ids.to_pylist()):
+        rid, err = dedupe(rid, seen, f"{name} row {first + i}")
+        out.append(rid)
+        if err:
+            errors[first + i] = err
+    return pa.array(out, pa.string()), errors
 
 
 def done_ids(done: pa.Array | pa.ChunkedArray | None) -> pa.Array:

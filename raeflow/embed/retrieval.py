@@ -22,6 +22,7 @@ import numpy as np
 
 from raeflow.artifact import TrainedModel
 from raeflow.embed.search import MAX_BLOCK, normalise, top_k
+from raeflow.errors import InputError
 
 #: Recall levels of the precision-recall curve (the paper's Fig. 4 spans 0.001 to 1 on a log axis).
 RECALL_LEVELS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0)
@@ -95,15 +96,15 @@ def document_retrieval(model: "str | os.PathLike | TrainedModel", dataset: str =
     split = split or "test"
     ds = known_datasets().get(name)
     if ds is None or ds.kind != "text":
-        raise ValueError(f"document retrieval needs a built-in document dataset (20newsgroups, reuters-r8, "
+        raise InputError(f"document retrieval needs a built-in document dataset (20newsgroups, reuters-r8, "
                          f"reuters-r52), got {dataset!r}")
     vec = art.vectoriser
     if vec is None:
-        raise ValueError(f"{art.path} has no vectoriser.json: it is not a document model")
+        raise InputError(f"{art.path} has no vectoriser.json: it is not a document model")
     t0 = time.perf_counter()
     test = test if test is not None else load_eval_data(f"{name}:{split}", vec)
     if test.y is None:
-        raise ValueError(f"{name}:{split} has no labels: retrieval precision needs classes")
+        raise InputError(f"{name}:{split} has no labels: retrieval precision needs classes")
     codes = _encode(art, test.x)
     dim = lsa_dim or art.latent_dim
     methods: dict[str, dict[str, Any]] = {}
@@ -142,12 +143,12 @@ def image_retrieval(model: "str | os.PathLike | TrainedModel", dataset: str = "m
     split = split or "test"
     ds = known_datasets().get(name)
     if ds is None or ds.kind != "image":
-        raise ValueError(f"image retrieval needs a built-in image dataset (mnist, fashion-mnist, digits), "
+        raise InputError(f"image retrieval needs a built-in image dataset (mnist, fashion-mnist, digits), "
                          f"got {dataset!r}")
     t0 = time.perf_counter()
     test = test if test is not None else load_eval_data(f"{name}:{split}")
     if test.y is None:
-        raise ValueError(f"{name}:{split} has no labels")
+        raise InputError(f"{name}:{split} has no labels")
     codes = _encode(art, test.x)
     dim = pca_dim or art.latent_dim
     methods = {art.variant: {"dim": art.latent_dim, "precision_at_k": precision_at_k(codes, test.y, k),
@@ -173,7 +174,7 @@ def retrieval(model: "str | os.PathLike | TrainedModel", dataset: str, **kwargs:
     name, _ = parse_spec(dataset)
     ds = known_datasets().get(name)
     if ds is None:
-        raise ValueError(f"retrieval is measured on built-in datasets ({', '.join(sorted(known_datasets()))}); "
+        raise InputError(f"retrieval is measured on built-in datasets ({', '.join(sorted(known_datasets()))}); "
                          f"got {dataset!r}")
     return (document_retrieval if ds.kind == "text" else image_retrieval)(model, dataset, **kwargs)
 

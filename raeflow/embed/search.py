@@ -19,6 +19,8 @@ import pyarrow.dataset as pads
 from raeflow.artifact import TrainedModel
 from raeflow.embed.encoder import EMBEDDING, ID, LABEL
 from raeflow.embed.vectors import MAX_BLOCK, Hit, normalise, top_k  # noqa: F401 - re-exported
+from raeflow.errors import InputError, MissingFileError
+
 
 class Index:
     """Embeddings in memory for exact cosine search. ``Index.load(OUT_DIR)`` reads a ``raeflow embed`` output
@@ -29,9 +31,9 @@ class Index:
                  metadata: dict[str, str] | None = None):
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or len(vectors) != len(ids):
-            raise ValueError(f"expected {len(ids)} vectors as an (N, d) array, got shape {vectors.shape}")
+            raise InputError(f"expected {len(ids)} vectors as an (N, d) array, got shape {vectors.shape}")
         if len(ids) == 0:
-            raise ValueError("an index needs at least one embedding")
+            raise InputError("an index needs at least one embedding")
         self.ids = list(ids)
         self.labels = list(labels) if labels is not None else [None] * len(self.ids)
         self.vectors = normalise(vectors)
@@ -43,7 +45,7 @@ class Index:
 
         files = part_files(Path(embeddings))
         if not files:
-            raise FileNotFoundError(f"{embeddings}: no part-*.parquet files (make them with `raeflow embed`)")
+            raise MissingFileError(f"{embeddings}: no part-*.parquet files (make them with `raeflow embed`)")
         table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=[ID, EMBEDDING, LABEL])
         emb = table.column(EMBEDDING).combine_chunks()
         dim = emb.type.list_size
@@ -69,10 +71,10 @@ class Index:
         q = np.asarray(vectors, np.float32)
         q = q[None] if q.ndim == 1 else q
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
+            raise InputError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
                              f"{np.shape(vectors)}")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InputError(f"k must be at least 1, got {k}")
         idx, score = top_k(normalise(q), self.vectors, k)
         return [[Hit(self.ids[j], float(s), self.labels[j]) for j, s in zip(row_i, row_s)]
                 for row_i, row_s in zip(idx, score)]
@@ -95,7 +97,7 @@ def encode_query(encoder, query: str) -> tuple[np.ndarray, str]:
         if row is not None:
             x, what = row
             return encoder.encode_array(np.asarray(x, np.float32)[None])[0], what
-        raise FileNotFoundError(f"--query {query!r}: for an image model give an image file or a built-in row such "
+        raise MissingFileError(f"--query {query!r}: for an image model give an image file or a built-in row such "
                                 "as mnist:test:17")
     if p.suffix.lower() == ".txt" and p.is_file():
         from raeflow.data.text import read_text_file
@@ -118,10 +120,10 @@ def _builtin_row(query: str, datasets: dict) -> tuple[Any, str] | None:
     name, split, i = parts[0], parts[1], int(parts[2])
     ds = datasets[name]
     if split not in ds.splits:
-        raise ValueError(f"--query {query}: dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+        raise InputError(f"--query {query}: dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
     raw = ds.load(split)
     if i >= len(raw.x):
-        raise ValueError(f"--query {query}: {name}:{split} has {len(raw.x)} rows")
+        raise InputError(f"--query {query}: {name}:{split} has {len(raw.x)} rows")
     label = None if raw.y is None or raw.classes is None else raw.classes[int(raw.y[i])]
     return raw.x[i], f"{query} (label {label})"
 
@@ -138,7 +140,7 @@ def search(embeddings: str | os.PathLike, model: "str | os.PathLike | TrainedMod
     index = None if exact else open_index(embeddings, sha)  # None -> the exact search below
     index = index or Index.load(embeddings)
     if index.model_sha256 and index.model_sha256 != sha:
-        raise ValueError(f"{embeddings} was embedded by model sha256 {index.model_sha256[:12]}, but --model is "
+        raise InputError(f"{embeddings} was embedded by model sha256 {index.model_sha256[:12]}, but --model is "
                          f"{sha[:12]}: codes of different models are not comparable; embed with this model first")
     encoder = Encoder(art)
     code, what = encode_query(encoder, query)

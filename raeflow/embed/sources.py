@@ -34,8 +34,10 @@ import pyarrow.parquet as pq
 
 from raeflow.data.user import IMAGE_EXTS
 from raeflow.embed.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, Prep, _kind_of, _list_files,  # noqa: F401
-                                   check_texts, decode_image_files, is_list, read_jsonl, read_parquet_units,
+                                   check_texts, decode_image_files, is_list, read_input_file, read_jsonl,
+                                   read_parquet_units,
                                    read_text_files, rows_table)
+from raeflow.errors import InputError, MissingFileError
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -117,7 +119,7 @@ class BuiltinSource(Source):
             return rows_table(ids, labels, errors, text=texts)
         x = np.asarray(raw.x)
         if tuple(x.shape[1:]) != self.prep.input_shape:
-            raise ValueError(f"{self.name} images are {tuple(x.shape[1:])} but the model takes "
+            raise InputError(f"{self.name} images are {tuple(x.shape[1:])} but the model takes "
                              f"{self.prep.input_shape}: embed a dataset of the model's shape")
         return rows_table(ids, labels, [None] * len(rows), x=x[rows].reshape(len(rows), -1))
 
@@ -208,7 +210,7 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
         ds = datasets[name]
         split = split or "test"
         if split not in ds.splits:
-            raise ValueError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+            raise InputError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
         _check_kind(ds.kind, prep, spec)
         src = BuiltinSource(ds.kind, f"{name}:{split}", None, prep, name=name, split=split)
         src.total = len(ds.load(split).x)
@@ -216,7 +218,7 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
     root = Path(spec)
     if not root.exists():
         known = ", ".join(sorted(datasets))
-        raise FileNotFoundError(f"--input {spec!r}: no such file or folder, nor a built-in dataset ({known})")
+        raise MissingFileError(f"--input {spec!r}: no such file or folder, nor a built-in dataset ({known})")
     root = root.resolve()
     if root.is_dir():
         files = _list_files(root)
@@ -226,18 +228,22 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
             if k:
                 groups.setdefault(k, []).append(rel)
         if not groups:
-            raise ValueError(f"{root}: no usable files (images {' '.join(IMAGE_EXTS)}, .txt, .parquet or .jsonl)")
+            raise InputError(f"{root}: no usable files (images {' '.join(IMAGE_EXTS)}, .txt, .parquet or .jsonl)")
         if len(groups) > 1:
             mix = " and ".join(f"{len(v)} {k} files" for k, v in groups.items())
-            raise ValueError(f"{root}: mixes {mix}; embed one kind of input per job (separate folders)")
+            raise InputError(f"{root}: mixes {mix}; embed one kind of input per job (separate folders)")
         kind, rels = groups.popitem()
         if kind in ("image", "text"):
             _check_kind(kind, prep, spec)
             return FolderSource(kind, str(root), len(rels), prep, root=root, files=rels)
         if kind == "jsonl":
-            raise ValueError(f"{root}: a folder of .jsonl files; pass one .jsonl file per job")
+            raise InputError(f"{root}: a folder of .jsonl files; pass one .jsonl file per job")
         return _parquet_source(str(root), [(str(root / r), f"{r}#") for r in rels], prep, id_column, text_column,
                                image_column, label_column)
+    try:  # a FIFO or a device named like a data file would hang the first read
+        read_input_file(root.parent, root.name, 1 << 62, read=False)
+    except ValueError as e:
+        raise InputError(f"--input {e}") from None
     suffix = root.suffix.lower()
     if suffix == ".parquet":
         return _parquet_source(str(root), [(str(root), "")], prep, id_column, text_column, image_column,
@@ -246,13 +252,13 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
         _check_kind("text", prep, spec)
         return JsonlSource("text", str(root), None, prep, path=root, text_field=text_column or "text",
                            id_field=id_column or "id", label_field=label_column)
-    raise ValueError(f"{root}: unsupported input {suffix or '(no extension)'}; give a folder of images or .txt "
+    raise InputError(f"{root}: unsupported input {suffix or '(no extension)'}; give a folder of images or .txt "
                      "files, a .parquet file or folder, a .jsonl file, or a built-in dataset name")
 
 
 def _check_kind(kind: str, prep: Prep, spec: str) -> None:
     if kind != prep.kind:
-        raise ValueError(f"--input {spec} holds {'documents' if kind == 'text' else 'images'} but the model is "
+        raise InputError(f"--input {spec} holds {'documents' if kind == 'text' else 'images'} but the model is "
                          f"a{'n image' if prep.kind == 'image' else ' document'} model "
                          f"(input shape {list(prep.input_shape)})")
 
@@ -264,10 +270,10 @@ def _parquet_source(spec: str, files: list[tuple[str, str]], prep: Prep, id_colu
     flag = "--text-column" if prep.kind == "text" else "--image-column"
     for (p, _), s in zip(files, schemas):
         if wanted not in s.names:
-            raise ValueError(f"{p}: no column {wanted!r} for this {prep.kind} model (columns: {s.names}); "
+            raise InputError(f"{p}: no column {wanted!r} for this {prep.kind} model (columns: {s.names}); "
                              f"name it with {flag}")
         if id_column and id_column not in s.names:
-            raise ValueError(f"{p}: no id column {id_column!r} (columns: {s.names})")
+            raise InputError(f"{p}: no id column {id_column!r} (columns: {s.names})")
     if id_column is None and all("id" in s.names for s in schemas):
         id_column = "id"
     if label_column and not all(label_column in s.names for s in schemas):

@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
+from raeflow.errors import InputError
 
 INDEX_DIR = "_index"
 INFO = "index.json"
@@ -108,7 +109,7 @@ class IVFPQ(IndexKind):
     def subquantizers(self, dim: int) -> int:
         if self.m:
             if dim % self.m:
-                raise ValueError(f"--kind ivfpq: m={self.m} must divide the code size {dim}")
+                raise InputError(f"--kind ivfpq: m={self.m} must divide the code size {dim}")
             return self.m
         return max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
 
@@ -136,12 +137,12 @@ KINDS: dict[str, type[IndexKind]] = {cls.name: cls for cls in (HNSW, IVFPQ)}
 
 def make_kind(name: str, params: dict[str, Any] | None = None) -> IndexKind:
     if name not in KINDS:
-        raise ValueError(f"--kind {name!r}: known kinds are {', '.join(KINDS)}")
+        raise InputError(f"--kind {name!r}: known kinds are {', '.join(KINDS)}")
     cls = KINDS[name]
     known = {f for f in cls.__dataclass_fields__}
     unknown = set(params or {}) - known
     if unknown:
-        raise ValueError(f"--kind {name}: unknown parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
+        raise InputError(f"--kind {name}: unknown parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
     return cls(**(params or {}))
 
 
@@ -235,7 +236,7 @@ def build_index(embeddings: str | os.PathLike, kind: str | None = None, params: 
     parts = part_records(out)
     info = None if rebuild else read_info(out)
     if info is not None and (kind not in (None, info["kind"]) or (params and params != _own_params(info))):
-        raise ValueError(f"{index_dir(out)} holds a {info['kind']} index with {_own_params(info)}; pass --rebuild "
+        raise InputError(f"{index_dir(out)} holds a {info['kind']} index with {_own_params(info)}; pass --rebuild "
                          "to replace it with another kind or other parameters")
     if info is not None:
         return _extend(out, info, parts, sha, log)
@@ -259,7 +260,7 @@ def _build(out: Path, kind: IndexKind, parts: list[dict[str, Any]], meta: dict[s
     files = [p["file"] for p in parts]
     rows, dim = sum(p["rows"] for p in parts), _dim(out, parts)
     if rows == 0:
-        raise ValueError(f"{out}: the embeddings hold no rows")
+        raise InputError(f"{out}: the embeddings hold no rows")
     index = kind.create(dim, rows)
     tmp = out / f".{INDEX_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

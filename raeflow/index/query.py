@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from raeflow.index.build import (FAISS_FILE, VECTORS, IndexMismatch, _faiss, check_model,  # noqa: F401
                                  check_parts, index_dir, make_kind, part_records, read_info)
+from raeflow.errors import InputError
 
 #: Below this many rows the exact search (one matrix product: ~0.5 ms per query at 50k 30-d rows) is as fast as
 #: an index and has no recall to lose, so ``open_index`` leaves such directories to it.
@@ -56,7 +57,7 @@ class AnnIndex:
         """Change query-time parameters (``ef_search``, ``nprobe``, ``rerank``) for this process."""
         for k, v in params.items():
             if not hasattr(self.kind, k):
-                raise ValueError(f"{self.info['kind']} index has no parameter {k!r}")
+                raise InputError(f"{self.info['kind']} index has no parameter {k!r}")
             setattr(self.kind, k, v)
         self.kind.configure(self.index)
 
@@ -91,10 +92,10 @@ class AnnIndex:
         q = np.asarray(vectors, np.float32)
         q = q[None] if q.ndim == 1 else q
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
+            raise InputError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
                              f"{np.shape(vectors)}")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InputError(f"k must be at least 1, got {k}")
         idx, score = self.top_k(normalise(q), k)
         return [[Hit(self.ids[int(j)].as_py(), float(s), self.labels[int(j)].as_py())
                  for j, s in zip(row_i, row_s) if j >= 0] for row_i, row_s in zip(idx, score)]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from raeflow.models import capabilities as cap
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, mlp, reconstruction_loss
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 PRIORS = ("gaussian", "mixture")
 
@@ -44,9 +45,9 @@ class AdversarialAE(Autoencoder):
                  gen_lr_scale: float = 1.0, corruption: dict | None = None):
         super().__init__(input_shape, latent_dim, loss, corruption)
         if prior not in PRIORS:
-            raise ValueError(f"unknown prior {prior!r}; use one of {PRIORS}")
+            raise ConfigError(f"unknown prior {prior!r}; use one of {PRIORS}")
         if prior == "mixture" and (latent_dim < 2 or n_components < 1 or mixture_std <= 0):
-            raise ValueError("prior='mixture' needs latent_dim >= 2, n_components >= 1 and mixture_std > 0; got "
+            raise ConfigError("prior='mixture' needs latent_dim >= 2, n_components >= 1 and mixture_std > 0; got "
                              f"latent_dim={latent_dim}, n_components={n_components}, mixture_std={mixture_std}")
         self.prior, self.mixture_std = prior, float(mixture_std)
         self.disc_lr_scale, self.gen_lr_scale = float(disc_lr_scale), float(gen_lr_scale)
@@ -104,7 +105,7 @@ class AdversarialAE(Autoencoder):
             logits = self.discriminator(self._encode(x)).squeeze(1)
             gen = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             return {"loss": gen, "gen": gen}
-        raise ValueError(f"aae has phases 'recon', 'disc' and 'gen', not {phase!r}")
+        raise ConfigError(f"aae has phases 'recon', 'disc' and 'gen', not {phase!r}")
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from raeflow.models.base import Autoencoder, Stage, TrainPlan, mlp
 from raeflow.models.rbm import BERNOULLI, GAUSSIAN, RBMSettings, RBMStack
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 _CODE_ACTS = {"linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu}
 
@@ -35,7 +36,7 @@ class DenseAE(Autoencoder):
                  tied: bool = False, rbm: dict | None = None, sparse_init: int | None = None):
         super().__init__(input_shape, latent_dim, loss, corruption)
         if code_activation not in _CODE_ACTS:
-            raise ValueError(f"unknown code_activation {code_activation!r}; use one of {sorted(_CODE_ACTS)}")
+            raise ConfigError(f"unknown code_activation {code_activation!r}; use one of {sorted(_CODE_ACTS)}")
         sizes = [self.input_dim, *hidden, latent_dim]
         self.code_activation = code_activation
         self.tied = tied
@@ -51,10 +52,10 @@ class DenseAE(Autoencoder):
         settings = RBMSettings.from_config(rbm)
         if settings is not None:
             if activation != "sigmoid" or code_activation not in ("linear", "sigmoid"):
-                raise ValueError("RBM pretraining needs activation: sigmoid (Bernoulli hidden units) and "
+                raise ConfigError("RBM pretraining needs activation: sigmoid (Bernoulli hidden units) and "
                                  f"code_activation linear or sigmoid; got {activation!r} / {code_activation!r}")
             if loss != "bce":
-                raise ValueError(f"RBM pretraining models data in [0, 1] (Bernoulli visible units): use loss: "
+                raise ConfigError(f"RBM pretraining models data in [0, 1] (Bernoulli visible units): use loss: "
                                  f"bce, not {loss!r}")
             top = GAUSSIAN if code_activation == "linear" else BERNOULLI
             self.rbms = RBMStack(sizes, top, settings)  # (only for pretraining; unrolled into the layers)
@@ -82,7 +83,7 @@ class DenseAE(Autoencoder):
                 phase: str = "main") -> dict[str, torch.Tensor]:
         if stage.startswith("rbm-"):
             if self.rbm is None:
-                raise ValueError(f"stage {stage!r}: this ae has no RBMs (set model.rbm)")
+                raise ConfigError(f"stage {stage!r}: this ae has no RBMs (set model.rbm)")
             return self.rbms.terms(stage, x)
         return super().forward(x, y, stage=stage, phase=phase)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from raeflow.models import capabilities as cap
 from raeflow.models.corruption import Corruption
+from raeflow.errors import ConfigError, UnsupportedError
 
 Shape = tuple[int, ...]
 
@@ -101,7 +102,7 @@ def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, kind: str) -> torch.
     elif kind == "mse_linear":  # unbounded data (or linear AE compared with PCA): no squashing
         per = (raw - x) ** 2
     else:
-        raise ValueError(f"unknown reconstruction loss {kind!r}; use 'bce', 'mse' or 'mse_linear'")
+        raise ConfigError(f"unknown reconstruction loss {kind!r}; use 'bce', 'mse' or 'mse_linear'")
     return per.sum(1).mean()
 
 
@@ -169,7 +170,7 @@ class Autoencoder(nn.Module):
         return self.decode(za * (1 - t) + zb * t)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError(f"{self.variant} has no prior to sample from")
+        raise UnsupportedError(f"{self.variant} has no prior to sample from")
 
     def encoder_modules(self) -> list[nn.Module]:
         """The modules that map an input to its code, in order; `finetune` stacks a softmax head on them."""
@@ -232,7 +233,7 @@ def mlp(sizes: Sequence[int], activation: str = "relu", last_activation: bool = 
     acts = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU,
             "leaky_relu": nn.LeakyReLU, "linear": nn.Identity}
     if activation not in acts:
-        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(acts)}")
+        raise ConfigError(f"unknown activation {activation!r}; use one of {sorted(acts)}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))

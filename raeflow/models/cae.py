@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from raeflow.models.base import Autoencoder, reconstruction_loss
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 UNPOOL = ("max", "nearest")
 Size2 = tuple[int, int]
@@ -71,24 +72,24 @@ class ConvAE(Autoencoder):
                  loss: str = "bce", corruption: dict | None = None):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3:
-            raise ValueError(f"cae needs image input (C, H, W); got input_shape {list(shape)}")
+            raise ConfigError(f"cae needs image input (C, H, W); got input_shape {list(shape)}")
         if unpool not in UNPOOL:
-            raise ValueError(f"unknown unpool {unpool!r}; use one of {UNPOOL}")
+            raise ConfigError(f"unknown unpool {unpool!r}; use one of {UNPOOL}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (3, 5, ...) so padding keeps the size; got {kernel_size}")
+            raise ConfigError(f"kernel_size must be odd (3, 5, ...) so padding keeps the size; got {kernel_size}")
         if not channels or any(int(c) < 1 for c in channels):
-            raise ValueError(f"channels must be a non-empty list of positive widths; got {list(channels)}")
+            raise ConfigError(f"channels must be a non-empty list of positive widths; got {list(channels)}")
         # Spatial size before each pool, known at build time so the decoder can restore odd sizes exactly.
         sizes: list[Size2] = [shape[1:]]
         for _ in channels:
             h, w = sizes[-1]
             if h < 2 or w < 2:
-                raise ValueError(f"cae: {len(channels)} pooling blocks are too many for a {shape[1]}x{shape[2]} "
+                raise ConfigError(f"cae: {len(channels)} pooling blocks are too many for a {shape[1]}x{shape[2]} "
                                  f"input (it is {h}x{w} before block {len(sizes)}); use fewer channels entries")
             sizes.append((h // 2, w // 2))
         feat = int(channels[-1]) * sizes[-1][0] * sizes[-1][1]  # C*h*w of the last pooled map
         if latent_dim is not None and int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be positive (or null for no bottleneck); got {latent_dim}")
+            raise ConfigError(f"latent_dim must be positive (or null for no bottleneck); got {latent_dim}")
         super().__init__(shape, feat if latent_dim is None else int(latent_dim), loss, corruption)
         self.unpool_mode = unpool
         self.pre_pool_sizes = sizes[:-1]  # [(H, W), (H/2, W/2), ...]: the size each unpool restores

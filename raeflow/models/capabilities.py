@@ -11,6 +11,7 @@ declares it, so a declaration cannot drift from the code.
 from __future__ import annotations
 
 from typing import Any
+from raeflow.errors import ConfigError
 
 ENCODE = "encode"  # encode(x) -> (B, latent_dim) codes (the posterior mean for probabilistic encoders)
 RECONSTRUCT = "reconstruct"  # reconstruct(x) -> (B, *input_shape); decode(z) maps codes back to inputs
@@ -44,5 +45,5 @@ def capabilities_of(model: Any) -> frozenset[str]:
     caps = frozenset(declared()) if callable(declared) else frozenset(getattr(model, "capabilities", ()))
     unknown = caps - set(ALL)
     if unknown:
-        raise ValueError(f"{type(model).__name__} declares unknown capabilities {sorted(unknown)}; known: {list(ALL)}")
+        raise ConfigError(f"{type(model).__name__} declares unknown capabilities {sorted(unknown)}; known: {list(ALL)}")
     return caps

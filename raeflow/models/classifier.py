@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from raeflow.models import capabilities as cap
 from raeflow.models.base import Stage, TrainPlan
 from raeflow.registry import build_model, get_variant, register_model
+from raeflow.errors import ConfigError
 
 
 def classification_terms(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cross-entropy (the loss) and the fraction misclassified (``error``, a float tensor) for (B, K) logits."""
     k = logits.shape[1]
     if y.is_floating_point() or y.is_complex():
-        raise ValueError(f"labels must be integer class indices; got dtype {y.dtype}")
+        raise ConfigError(f"labels must be integer class indices; got dtype {y.dtype}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= k:
-        raise ValueError(f"labels must be class indices in 0..{k - 1}; got {lo}..{hi} (is num_classes too small?)")
+        raise ConfigError(f"labels must be class indices in 0..{k - 1}; got {lo}..{hi} (is num_classes too small?)")
     ce = F.cross_entropy(logits, y.long())
     error = (logits.argmax(1) != y).float().mean()
     return {"loss": ce, "ce": ce, "error": error}
@@ -60,28 +61,28 @@ class Classifier(nn.Module):
                  pretrained: dict[str, Any] | None = None, dropout: float = 0.0):
         super().__init__()
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
         self.dropout = float(dropout)
         info = get_variant(base_variant)
         if info.kind != "autoencoder":
-            raise ValueError(f"a classifier is built on an autoencoder's encoder; {base_variant!r} is a {info.kind}")
+            raise ConfigError(f"a classifier is built on an autoencoder's encoder; {base_variant!r} is a {info.kind}")
         if int(num_classes) < 2:
-            raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+            raise ConfigError(f"num_classes must be at least 2; got {num_classes}")
         if head_hidden is not None and int(head_hidden) < 1:
-            raise ValueError(f"head_hidden must be a positive width (or null); got {head_hidden}")
+            raise ConfigError(f"head_hidden must be a positive width (or null); got {head_hidden}")
         base = build_model(base_variant, **base_config)
         if input_shape is not None and tuple(int(s) for s in input_shape) != base.input_shape:
-            raise ValueError(f"the data's shape {list(input_shape)} does not match the {base_variant} model's "
+            raise ConfigError(f"the data's shape {list(input_shape)} does not match the {base_variant} model's "
                              f"input shape {list(base.input_shape)}")
         self.input_shape = base.input_shape
         self.num_classes = int(num_classes)
         try:
             modules = base.encoder_modules()
         except AttributeError:  # e.g. PCA: a projection held in buffers, nothing to fine-tune
-            raise ValueError(f"variant {base_variant!r} has no encoder modules to fine-tune") from None
+            raise ConfigError(f"variant {base_variant!r} has no encoder modules to fine-tune") from None
         self.encoder = nn.ModuleList(modules)  # the rest of `base` (its decoder) is dropped here
         if not any(p.requires_grad for p in self.encoder.parameters()):
-            raise ValueError(f"variant {base_variant!r} has no trainable encoder parameters to fine-tune")
+            raise ConfigError(f"variant {base_variant!r} has no trainable encoder parameters to fine-tune")
         with torch.no_grad():  # the feature width, measured rather than derived, so any encoder works
             was = self.encoder.training
             self.encoder.eval()
@@ -141,7 +142,7 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, stage: str = "finetune",
                 phase: str = "main") -> dict[str, torch.Tensor]:
         if y is None:
-            raise ValueError("the classifier needs labels to compute its loss")
+            raise ConfigError("the classifier needs labels to compute its loss")
         return classification_terms(self.predict(x), y)
 
     def describe(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from raeflow.losses import contractive_penalty_sigmoid, jacobian_frobenius_sq
 from raeflow.models.ae import DenseAE
 from raeflow.models.base import reconstruction_loss
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 JACOBIAN_METHODS = ("auto", "closed_form", "autograd")
 
@@ -37,13 +38,13 @@ class ContractiveAE(DenseAE):
                  loss: str = "bce", lam: float = 0.1, jacobian: str = "auto", corruption: dict | None = None,
                  tied: bool = False):
         if lam < 0:
-            raise ValueError(f"contractive weight lam must be >= 0, got {lam}")
+            raise ConfigError(f"contractive weight lam must be >= 0, got {lam}")
         if jacobian not in JACOBIAN_METHODS:
-            raise ValueError(f"unknown jacobian method {jacobian!r}; use one of {JACOBIAN_METHODS}")
+            raise ConfigError(f"unknown jacobian method {jacobian!r}; use one of {JACOBIAN_METHODS}")
         super().__init__(input_shape, latent_dim, hidden, activation, code_activation, loss, corruption, tied)
         single_sigmoid = len(hidden) == 0 and code_activation == "sigmoid"
         if jacobian == "closed_form" and not single_sigmoid:
-            raise ValueError("jacobian='closed_form' needs one sigmoid layer (hidden=(), code_activation='sigmoid'); "
+            raise ConfigError("jacobian='closed_form' needs one sigmoid layer (hidden=(), code_activation='sigmoid'); "
                              "use 'autograd' for other encoders")
         self.lam = float(lam)
         self.jacobian = jacobian

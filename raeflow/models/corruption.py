@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from raeflow.errors import ConfigError
 
 KINDS = ("gaussian", "masking", "salt_and_pepper")
 
@@ -20,9 +21,9 @@ class Corruption:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown corruption {self.kind!r}; use one of {KINDS}")
+            raise ConfigError(f"unknown corruption {self.kind!r}; use one of {KINDS}")
         if self.level < 0 or (self.kind != "gaussian" and self.level > 1):
-            raise ValueError(f"corruption level {self.level} out of range for {self.kind}")
+            raise ConfigError(f"corruption level {self.level} out of range for {self.kind}")
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "Corruption | None":

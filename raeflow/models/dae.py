@@ -12,6 +12,7 @@ import torch
 
 from raeflow.models.ae import DenseAE
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 DEFAULT_CORRUPTION = {"kind": "masking", "level": 0.25}
 
@@ -30,7 +31,7 @@ class DenoisingAE(DenseAE):
                  code_activation: str = "linear", loss: str = "bce",
                  corruption: dict | None = DEFAULT_CORRUPTION, tied: bool = False):
         if not corruption:
-            raise ValueError("a denoising autoencoder needs a corruption, e.g. {'kind': 'masking', 'level': 0.25}; "
+            raise ConfigError("a denoising autoencoder needs a corruption, e.g. {'kind': 'masking', 'level': 0.25}; "
                              "for none, use variant 'ae'")
         super().__init__(input_shape, latent_dim, hidden, activation, code_activation, loss, dict(corruption), tied)
 

@@ -11,6 +11,7 @@ import torch
 
 from raeflow.models.base import Autoencoder, Stage, TrainPlan
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 
 @register_model("pca", "principal component analysis, fitted in closed form (the linear baseline)")
@@ -24,7 +25,7 @@ class PCA(Autoencoder):
         super().__init__(input_shape, latent_dim, loss="mse_linear")
         d = self.input_dim
         if not 0 < latent_dim <= d:
-            raise ValueError(f"latent_dim must be in 1..{d}, got {latent_dim}")
+            raise ConfigError(f"latent_dim must be in 1..{d}, got {latent_dim}")
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("components", torch.zeros(latent_dim, d))  # (k, D), rows orthonormal
         self.register_buffer("explained_variance", torch.zeros(latent_dim))
@@ -51,7 +52,7 @@ class PCA(Autoencoder):
                 all_reduce(t)
         n = self.n_seen.item()
         if n < 2:
-            raise ValueError("PCA needs at least 2 examples to fit")
+            raise ConfigError("PCA needs at least 2 examples to fit")
         mean = self.sum_x / n
         cov = (self.sum_xx - n * torch.outer(mean, mean)) / (n - 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raeflow.errors import ConfigError
 from raeflow.models.base import OptimSpec, Phase, Stage
 
 BERNOULLI, GAUSSIAN = "bernoulli", "gaussian"
@@ -39,7 +40,7 @@ class RBM(nn.Module):
     def __init__(self, n_visible: int, n_hidden: int, hidden: str = BERNOULLI, init_std: float = 0.1):
         super().__init__()
         if hidden not in (BERNOULLI, GAUSSIAN):
-            raise ValueError(f"unknown RBM hidden units {hidden!r}; use {BERNOULLI!r} or {GAUSSIAN!r}")
+            raise ConfigError(f"unknown RBM hidden units {hidden!r}; use {BERNOULLI!r} or {GAUSSIAN!r}")
         self.hidden = hidden
         # Hinton's init: weights 0.1 * N(0, 1), biases zero.
         self.weight = nn.Parameter(torch.randn(n_hidden, n_visible) * init_std)  # (H, V)
@@ -111,10 +112,10 @@ class RBMSettings:
             return None
         unknown = set(d) - set(asdict(cls()))
         if unknown:
-            raise ValueError(f"unknown rbm settings {sorted(unknown)}; known: {sorted(asdict(cls()))}")
+            raise ConfigError(f"unknown rbm settings {sorted(unknown)}; known: {sorted(asdict(cls()))}")
         s = cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items()})
         if s.cd_k < 1:
-            raise ValueError(f"rbm.cd_k must be at least 1; got {s.cd_k}")
+            raise ConfigError(f"rbm.cd_k must be at least 1; got {s.cd_k}")
         return s
 
     def optim(self, hidden: str) -> OptimSpec:
@@ -143,7 +144,7 @@ class RBMStack(nn.Module):
 
     def layer(self, k: int) -> RBM:
         if not 1 <= k <= self.num_layers:
-            raise ValueError(f"no RBM {k}; the stack has rbm-1 .. rbm-{self.num_layers}")
+            raise ConfigError(f"no RBM {k}; the stack has rbm-1 .. rbm-{self.num_layers}")
         return getattr(self, f"rbm{k}")
 
     def names(self) -> list[str]:
@@ -191,7 +192,7 @@ class RBMStack(nn.Module):
         visible side is entry ``n - k``; a ``None`` weight is a tied decoder, which reads the encoder's."""
         n = self.num_layers
         if len(encoder) != n:
-            raise ValueError(f"the stack has {n} RBMs but the encoder {len(encoder)} layers")
+            raise ConfigError(f"the stack has {n} RBMs but the encoder {len(encoder)} layers")
         for k in range(1, n + 1):
             rbm = self.layer(k)
             encoder[k - 1].weight.copy_(rbm.weight)

@@ -22,6 +22,7 @@ from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruc
 from raeflow.models.classifier import classification_terms
 from raeflow.models.rbm import BERNOULLI, RBMSettings, RBMStack
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 #: Vincent et al.'s MNIST setting: each input zeroed with probability 0.25.
 DEFAULT_CORRUPTION = {"kind": "masking", "level": 0.25}
@@ -47,16 +48,16 @@ class StackedDAE(Autoencoder):
                  num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
                  corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0, rbm: dict | None = None):
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
         widths = [int(h) for h in hidden]
         if latent_dim is not None:
             if not widths:
                 widths = [int(latent_dim)]
             widths[-1] = int(latent_dim)
         if not widths or any(w < 1 for w in widths):
-            raise ValueError(f"sdae needs at least one hidden layer of positive width; got {list(hidden)}")
+            raise ConfigError(f"sdae needs at least one hidden layer of positive width; got {list(hidden)}")
         if int(num_classes) < 2:
-            raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+            raise ConfigError(f"num_classes must be at least 2; got {num_classes}")
         super().__init__(input_shape, widths[-1], loss, corruption)
         self.sizes = [self.input_dim, *widths]  # [D, h1, ..., hn]
         self.num_layers = len(widths)
@@ -144,7 +145,7 @@ class StackedDAE(Autoencoder):
         if stage.startswith("pretrain-"):
             k = int(stage.rsplit("-", 1)[1])
             if not 1 <= k <= self.num_layers:
-                raise ValueError(f"sdae has {self.num_layers} layers; no stage {stage!r}")
+                raise ConfigError(f"sdae has {self.num_layers} layers; no stage {stage!r}")
             with torch.no_grad():  # the layers below are frozen: their clean output is this layer's data
                 clean = self._hidden(x, k - 1)  # (B, sizes[k-1])
             raw = getattr(self, f"dec{k}")(getattr(self, f"enc{k}")(self.corrupt(clean)))
@@ -152,7 +153,7 @@ class StackedDAE(Autoencoder):
             return {"loss": recon, "recon": recon}
         if stage == "finetune":
             if y is None:
-                raise ValueError("sdae's finetune stage needs labels")
+                raise ConfigError("sdae's finetune stage needs labels")
             return classification_terms(self.predict(x), y)
-        raise ValueError(f"sdae has no stage {stage!r}; its stages are pretrain-1..pretrain-{self.num_layers} "
+        raise ConfigError(f"sdae has no stage {stage!r}; its stages are pretrain-1..pretrain-{self.num_layers} "
                          "and finetune")

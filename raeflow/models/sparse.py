@@ -13,6 +13,7 @@ from raeflow.losses import kl_sparsity
 from raeflow.models.ae import DenseAE
 from raeflow.models.base import reconstruction_loss
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 
 @register_model("sparse", "sparse autoencoder: sigmoid code + beta * KL(rho || mean activation) (Ng)")
@@ -27,9 +28,9 @@ class SparseAE(DenseAE):
                  hidden: Sequence[int] = (), activation: str = "sigmoid", loss: str = "bce",
                  rho: float = 0.05, beta: float = 3.0, corruption: dict | None = None, tied: bool = False):
         if not 0 < rho < 1:
-            raise ValueError(f"sparsity target rho must be in (0, 1), got {rho}")
+            raise ConfigError(f"sparsity target rho must be in (0, 1), got {rho}")
         if beta < 0:
-            raise ValueError(f"sparsity weight beta must be >= 0, got {beta}")
+            raise ConfigError(f"sparsity weight beta must be >= 0, got {beta}")
         super().__init__(input_shape, latent_dim, hidden, activation, code_activation="sigmoid", loss=loss,
                          corruption=corruption, tied=tied)
         self.rho = float(rho)

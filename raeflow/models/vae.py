@@ -19,6 +19,7 @@ from raeflow.losses import (bernoulli_log_likelihood, gaussian_fixed_std_log_lik
                             gaussian_log_density, log_mean_exp)
 from raeflow.models.base import Autoencoder, mlp
 from raeflow.registry import register_model
+from raeflow.errors import ConfigError
 
 BACKBONES = ("dense", "conv")
 
@@ -87,13 +88,13 @@ class VAE(Autoencoder):
                  binarize: bool = False, obs_std: float = 0.1, corruption: dict | None = None):
         super().__init__(input_shape, latent_dim, loss, corruption)
         if loss not in ("bce", "mse", "mse_linear"):
-            raise ValueError(f"unknown likelihood {loss!r}; use 'bce' (Bernoulli), 'mse' or 'mse_linear' (Gaussian)")
+            raise ConfigError(f"unknown likelihood {loss!r}; use 'bce' (Bernoulli), 'mse' or 'mse_linear' (Gaussian)")
         if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}; use one of {BACKBONES}")
+            raise ConfigError(f"unknown backbone {backbone!r}; use one of {BACKBONES}")
         if binarize and loss != "bce":
-            raise ValueError("binarize=True draws binary pixels: it needs the Bernoulli likelihood (loss='bce')")
+            raise ConfigError("binarize=True draws binary pixels: it needs the Bernoulli likelihood (loss='bce')")
         if beta < 0 or obs_std <= 0:
-            raise ValueError(f"need beta >= 0 and obs_std > 0, got beta={beta}, obs_std={obs_std}")
+            raise ConfigError(f"need beta >= 0 and obs_std > 0, got beta={beta}, obs_std={obs_std}")
         self.backbone, self.beta, self.binarize, self.obs_std = backbone, float(beta), bool(binarize), float(obs_std)
         hidden = list(hidden)
         if backbone == "dense":
@@ -102,7 +103,7 @@ class VAE(Autoencoder):
             self.decoder = mlp([latent_dim, *reversed(hidden), self.input_dim], activation)  # -> (B, D) logits
         else:
             if len(self.input_shape) != 3 or not conv_channels:
-                raise ValueError(f"backbone='conv' needs (C, H, W) images and at least one conv channel count; "
+                raise ConfigError(f"backbone='conv' needs (C, H, W) images and at least one conv channel count; "
                                  f"got input_shape {self.input_shape}, conv_channels {list(conv_channels)}")
             c, h, w = self.input_shape
             sizes = [(h, w)]
@@ -174,7 +175,7 @@ class VAE(Autoencoder):
         for the hardware. Samples go in chunks of at most ``chunk_elements`` decoder outputs to bound memory.
         """
         if k < 1:
-            raise ValueError(f"need k >= 1 importance samples, got {k}")
+            raise ConfigError(f"need k >= 1 importance samples, got {k}")
         x = x.reshape(x.shape[0], *self.input_shape)
         mu, logvar = self.encode_stats(x)  # (B, latent) each
         xf = x.flatten(1)  # (B, D)

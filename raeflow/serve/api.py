@@ -7,6 +7,7 @@ FastAPI + uvicorn server uses and what lets this module be tested without Ray.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, Protocol
 
@@ -52,17 +53,23 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+#: Seconds a request may wait for each piece of its body (not for the whole request: a large body on a slow
+#: link keeps arriving). A client that sends headers and then stalls gets 408 instead of holding a replica slot.
+BODY_READ_TIMEOUT_S = 30.0
+
+
 class BodyLimit:
-    """Pure ASGI: 413 for bodies over ``limit`` bytes, before any route reads them.
+    """Pure ASGI: 413 for bodies over ``limit`` bytes, before any route reads them; 408 for a body that stalls.
 
     A declared Content-Length over the limit is refused at once (nothing is read); a chunked body is counted as
     it streams in and refused as soon as it passes the limit. (Starlette's own limiter only acts once a route
     reads the body, and answers plain text.)
     """
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, read_timeout_s: float = BODY_READ_TIMEOUT_S):
         self.app = app
         self.limit = limit
+        self.read_timeout_s = read_timeout_s
 
     def _too_large(self, size: str) -> JSONResponse:
         return error(413, too_large_message(size, self.limit))
@@ -85,9 +92,18 @@ class BodyLimit:
         seen = 0
         started = False
 
+        body_done = False
+
         async def counting_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body only a disconnect can come: wait for it as long as the app likes
+                return await receive()
+            try:
+                # A client that opens a request and trickles its body (or stops) must not hold a slot forever.
+                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise _SlowBody(self.read_timeout_s) from None
+            body_done = msg["type"] != "http.request" or not msg.get("more_body", False)
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
@@ -104,11 +120,19 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await self._too_large(f"of more than {self.limit:,} bytes")(scope, receive, send)
+        except _SlowBody as e:
+            if not started:
+                await error(408, e.detail)(scope, receive, send)
 
 
 def too_large_message(size: str, limit: int) -> str:
     return (f"request body {size} exceeds the limit of {limit:,} bytes ({limit / 2**20:g} MiB); send at most "
             f"{MAX_ITEMS} items per request, or PNGs instead of arrays")
+
+
+class _SlowBody(StarletteHTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body stalled: no data for {timeout_s:g} s; send the whole body promptly")
 
 
 class _TooLarge(StarletteHTTPException):
@@ -196,7 +220,8 @@ def build_app(backend: Backend) -> FastAPI:
             step = step.finish(y)
         return _json(step)
 
-    @app.get("/healthz", summary="Liveness: the models are loaded")
+    # HEAD wherever GET exists (load balancers and `curl -I` probe with HEAD); Starlette drops the body.
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the models are loaded")
     async def healthz():
         return {"status": "ok", "models": sorted(backend.services)}
 
@@ -204,12 +229,12 @@ def build_app(backend: Backend) -> FastAPI:
     async def replica():
         return getattr(backend, "placement", {"replica": None, "node": None})
 
-    @app.get("/models", summary="The served models, their shapes and the endpoints each supports")
+    @app.api_route("/models", methods=["GET", "HEAD"], summary="The served models, their shapes and the endpoints each supports")
     async def models():
         return {"models": [backend.services[n].describe() for n in sorted(backend.services)],
                 "limits": {"max_items": MAX_ITEMS, "max_body_bytes": MAX_BODY_BYTES}}
 
-    @app.get("/stats", summary="This replica's model-call counters: requests, batches, items, model seconds")
+    @app.api_route("/stats", methods=["GET", "HEAD"], summary="This replica's model-call counters: requests, batches, items, model seconds")
     async def stats():
         return backend.stats.as_dict()
 

@@ -30,6 +30,9 @@ class RaeflowIngress:
     """A replica: loads every model once, answers HTTP through :func:`build_app`, batches model calls."""
 
     def __init__(self, config: dict[str, Any]):
+        from raeflow.serve.node_local import bind_replica_grpc_to_node
+
+        bind_replica_grpc_to_node()  # Serve binds this replica's internal gRPC server to [::]; see node_local.py
         opts = ServeOptions(**config["options"])
         if opts.threads:
             import torch

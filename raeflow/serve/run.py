@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from raeflow.serve.options import AppConfig, IndexSpec, ModelSpec, ServeOptions
 from raeflow.serve.service import run_name
+from raeflow.errors import InputError, MissingFileError, RunExistsError, ServerError
 
 DEFAULT_PORT = 8000
 
@@ -43,21 +44,27 @@ class ServerSpec:
 
     def app_config(self) -> AppConfig:
         if not self.models:
-            raise ValueError("give at least one --model RUN_DIR")
+            raise InputError("give at least one --model RUN_DIR")
         from raeflow.io import model_dir
+
+        from raeflow.artifact import TrainedModel
 
         specs, seen = [], {}
         for path in self.models:
             model_dir(path)  # fails here, with a clear message, on a path that holds no model
+            # Load it here, once, before Ray starts: a model that cannot load (corrupt weights, an implausible
+            # config) is this one clear error, not Serve's "Failed to update the deployments" with the cause
+            # only in a replica's log.
+            TrainedModel.load(path).model
             name = run_name(path)
             if name in seen:
-                raise ValueError(f"two models would both be served as {name!r} ({seen[name]} and {path}): a model's "
+                raise InputError(f"two models would both be served as {name!r} ({seen[name]} and {path}): a model's "
                                  "name is its run directory's name, so rename or copy one")
             seen[name] = path
             specs.append(ModelSpec(name, str(Path(path).resolve())))
         for name, path in self.indexes.items():
             if not Path(path).is_dir():
-                raise FileNotFoundError(f"--index {name}={path}: no such directory")
+                raise MissingFileError(f"--index {name}={path}: no such directory")
         return AppConfig(specs, [IndexSpec(n, str(Path(p).resolve())) for n, p in self.indexes.items()],
                          ServeOptions(**self.options))
 
@@ -117,7 +124,7 @@ def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] = lambda:
     last = "no answer"
     while time.monotonic() < deadline:
         if not alive():
-            raise RuntimeError(f"the server exited before it was healthy ({last})")
+            raise ServerError(f"the server exited before it was healthy ({last})")
         try:
             r = httpx.get(f"{url}/healthz", timeout=5)
             if r.status_code == 200:
@@ -126,23 +133,25 @@ def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] = lambda:
         except httpx.HTTPError as e:
             last = f"{type(e).__name__}: {e}"
         time.sleep(0.25)
-    raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s ({last})")
+    raise ServerError(f"{url}/healthz not healthy after {timeout_s:.0f} s ({last})")
 
 
 def start(spec: ServerSpec, log: Callable[[str], None] = print, timeout_s: float = 180) -> RunningServer:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port, deploy the ingress; return once healthy."""
+    config = spec.app_config()  # validate (and load every model) before importing or starting anything of Ray's
+    from raeflow.raycluster import apply_env
+
+    apply_env()  # library callers too: before Ray's first import, whatever imported raeflow.serve.run
     from ray import serve
 
     from raeflow.raycluster import ensure_ray
     from raeflow.serve.app import APP_NAME, build
-
-    config = spec.app_config()  # validate before starting anything
     proxy_port = spec.port
     if spec.direct_ingress:
         import ray
 
         if spec.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-            raise ValueError("--direct-ingress sets Ray Serve flags that are read when Ray starts: it needs the "
+            raise InputError("--direct-ingress sets Ray Serve flags that are read when Ray starts: it needs the "
                              "local Ray instance `raeflow serve` starts itself (no --address, no RAY_ADDRESS)")
         o = config.options
         os.environ.update(direct_ingress_env(spec.port, o.max_replicas if o.replicas == "auto" else int(o.replicas)))
@@ -153,7 +162,7 @@ def start(spec: ServerSpec, log: Callable[[str], None] = print, timeout_s: float
             import ray
 
             if ray.cluster_resources().get("GPU", 0) < 1:
-                raise ValueError("--gpu: the Ray cluster has no GPU; drop --gpu or join a cluster with GPUs "
+                raise InputError("--gpu: the Ray cluster has no GPU; drop --gpu or join a cluster with GPUs "
                                  "(--address)")
         logging_config = {"enable_access_log": spec.access_log}
         serve.start(http_options={"host": spec.host, "port": proxy_port}, logging_config=logging_config)
@@ -237,7 +246,7 @@ def detach(spec: ServerSpec, log: Callable[[str], None] = print, timeout_s: floa
     if state_file.exists():
         old = json.loads(state_file.read_text())
         if _alive(old["pid"]) and _is_ours(old["pid"]):
-            raise FileExistsError(f"a detached server already runs on port {spec.port} (pid {old['pid']}); "
+            raise RunExistsError(f"a detached server already runs on port {spec.port} (pid {old['pid']}); "
                                   f"stop it with `raeflow serve --stop --port {spec.port}`")
         state_file.unlink()
     log_path = d / f"{spec.port}.log"
@@ -249,7 +258,7 @@ def detach(spec: ServerSpec, log: Callable[[str], None] = print, timeout_s: floa
     except BaseException as e:
         terminate(proc.pid, 30)
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the detached server did not become healthy: {e}\n--- {log_path} ---\n{tail}") from None
+        raise ServerError(f"the detached server did not become healthy: {e}\n--- {log_path} ---\n{tail}") from None
     state_file.write_text(json.dumps(state))
     log(f"detached: serving at {spec.url} (pid {proc.pid}, log {log_path}); stop with "
         f"`raeflow serve --stop --port {spec.port}`")
@@ -280,10 +289,10 @@ def stop(port: int | None = None, log: Callable[[str], None] = print, grace_s: f
     files = [f for f in files if f.exists() and not f.name.endswith(".spec.json")]
     if not files:
         where = f" on port {port}" if port is not None else ""
-        raise FileNotFoundError(f"no detached raeflow server{where} (state in {d})")
+        raise MissingFileError(f"no detached raeflow server{where} (state in {d})")
     if port is None and len(files) > 1:
         ports = ", ".join(f.stem for f in files)
-        raise ValueError(f"several detached servers run (ports {ports}); choose one with --port")
+        raise InputError(f"several detached servers run (ports {ports}); choose one with --port")
     stopped = []
     for f in files:
         st = json.loads(f.read_text())
@@ -300,6 +309,9 @@ def stop(port: int | None = None, log: Callable[[str], None] = print, grace_s: f
 
 def _main(argv: list[str]) -> None:
     """The detached child: ``python -m raeflow.serve.run SPEC.json``."""
+    from raeflow.raycluster import apply_env
+
+    apply_env()  # this process never ran the `raeflow` command's callback: Ray's settings first, as there
     spec = ServerSpec(**json.loads(Path(argv[0]).read_text()))
     serve_forever(spec, log=lambda m: print(m, flush=True))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from raeflow.serve.errors import ServiceError
 from raeflow.serve.service import ModelService
+from raeflow.errors import InputError
 
 
 @dataclass
@@ -43,7 +44,7 @@ def load_indexes(specs: Sequence[dict[str, str]], services: dict[str, ModelServi
         models = [n for n, svc in services.items()
                   if (shas.get(n) == sha if sha else svc.latent_dim == index.dim)]
         if not models:
-            raise ValueError(f"--index {spec['name']}={spec['path']}: no served model produced it (it was embedded "
+            raise InputError(f"--index {spec['name']}={spec['path']}: no served model produced it (it was embedded "
                              f"by model sha256 {str(sha)[:12]}, {index.dim}-d codes); serve that model too")
         out[spec["name"]] = ServedIndex(spec["name"], index, models)
     for name, svc in services.items():

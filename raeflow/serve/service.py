@@ -29,6 +29,7 @@ from raeflow.serve.endpoints import BATCHED_OPS, ENDPOINTS, Plan, new_seed, plan
 from raeflow.serve.errors import ServiceError, bad  # noqa: F401 - re-exported
 from raeflow.serve.schemas import (DECIMALS, MAX_BODY_BYTES, MAX_ITEMS, ImagesRequest,  # noqa: F401 - re-exported
                                    validation_message)
+from raeflow.errors import InputError
 
 #: autoregressive samplers draw one position per forward pass: a bound on n keeps one request's latency bounded
 MAX_AUTOREGRESSIVE_SAMPLES = 16
@@ -146,6 +147,8 @@ class ModelService:
         if isinstance(item, str):
             raise bad(f"{where}: got a string with format \"array\"; send nested lists of numbers, or set "
                       f"\"format\": \"png\" for base64 PNGs")
+        if _has_bool(item):
+            raise bad(f"{where}: true/false are not pixel values; send numbers in [0, 1]")
         try:
             a = np.asarray(item, dtype=np.float32)
         except (ValueError, TypeError, OverflowError) as e:
@@ -167,6 +170,8 @@ class ModelService:
         return a, squeeze
 
     def code(self, item: Any, where: str) -> np.ndarray:
+        if _has_bool(item):
+            raise bad(f"{where}: true/false are not code values; send {self.latent_dim} numbers")
         try:
             z = np.asarray(item, dtype=np.float32)
         except (ValueError, TypeError, OverflowError) as e:
@@ -175,6 +180,9 @@ class ModelService:
             raise bad(f"{where}: a code of shape {list(z.shape)}; model {self.name!r} has codes of "
                       f"{self.latent_dim} numbers")
         finite_check(z, where)
+        if np.abs(z).max(initial=0.0) > MAX_CODE:
+            # Codes live within a few units of 0; a decoder fed 1e30 overflows to NaN, which JSON cannot carry.
+            raise bad(f"{where}: code values must lie within +-{MAX_CODE:g}; got {float(np.abs(z).max()):.4g}")
         return z
 
     def codes(self, rows: Sequence[Any]) -> np.ndarray:
@@ -190,7 +198,7 @@ class ModelService:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         m = self.model
         if op not in BATCHED_OPS:
-            raise ValueError(f"unknown model call {op!r}; one of {BATCHED_OPS}")
+            raise InputError(f"unknown model call {op!r}; one of {BATCHED_OPS}")
         out = getattr(m, op)(t)  # each op is the model method of that name (its capability promises it)
         return out.float().cpu().numpy()
 
@@ -251,6 +259,26 @@ def handle_sync(svc: ModelService, endpoint: str, body: dict[str, Any] | BaseMod
         step = step.finish(None if step.op is None else svc.run(step.op, step.x))
     return step
 
+
+
+#: |code value| accepted by /generate and /interpolate (kind=code): priors are N(0, 1), trained codes a few units.
+MAX_CODE = 1e4
+
+
+def _has_bool(item: Any) -> bool:
+    """Whether nested lists hold a JSON true/false anywhere (numpy would take them as 1.0 / 0.0)."""
+    stack = [item]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, (list, tuple)):
+            if v and not isinstance(v[0], (list, tuple)):  # a row of scalars: one C-speed scan
+                if any(type(e) is bool for e in v):
+                    return True
+            else:
+                stack.extend(v)
+    return False
 
 
 def run_name(path: str | Path) -> str:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from raeflow.config import TrainConfig
 from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, parameters_of
+from raeflow.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # (x (B, *input_shape), y (B,) or None)
 
@@ -76,7 +77,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float,
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int):
@@ -91,7 +92,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int, st
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.step_epochs * steps_per_epoch),
                                                gamma=cfg.step_gamma)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; use none, cosine, onecycle or step")
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; use none, cosine, onecycle or step")
 
 
 @dataclass
@@ -160,7 +161,7 @@ class Trainer:
         self.stages: list[Stage] = model.stages(self.plan)
         empty = [s.name for s in self.stages if s.epochs < 1]
         if empty:  # fit() would never leave a stage of 0 epochs: refuse instead of hanging
-            raise ValueError(f"{model.variant}: stage(s) {empty} have no epochs; give each stage at least 1")
+            raise ConfigError(f"{model.variant}: stage(s) {empty} have no epochs; give each stage at least 1")
         self.progress = Progress()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
@@ -211,7 +212,7 @@ class Trainer:
         for ph in stage.phases:
             params = list(parameters_of(self.model, ph.modules))
             if not params:
-                raise ValueError(f"{self.model.variant}: phase {ph.name!r} of stage {stage.name!r} has no "
+                raise ConfigError(f"{self.model.variant}: phase {ph.name!r} of stage {stage.name!r} has no "
                                  "trainable parameters")
             key = f"{stage.name}/{ph.name}"
             if ph.optim is None:
@@ -298,7 +299,7 @@ class Trainer:
                     x = x.to(self.device, non_blocking=True)
                     y = None if y is None else y.to(self.device, non_blocking=True)
                     if stage.supervised and y is None:
-                        raise ValueError(f"stage {stage.name!r} of {self.model.variant} needs labelled data")
+                        raise ConfigError(f"stage {stage.name!r} of {self.model.variant} needs labelled data")
                     if stage.closed_form:
                         self.model.accumulate(x)
                         terms = {}

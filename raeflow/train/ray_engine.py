@@ -54,6 +54,7 @@ from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
+from raeflow.errors import InputError, MissingFileError
 
 _OWNER = "raeflow.train"  # raycluster owner tag: fit_ray stops only a Ray instance that training started
 #: Recorded in the run directory: the Ray run to continue on ``--resume``.
@@ -77,7 +78,7 @@ def preflight(cfg: RaeRunConfig, log: Callable[[str], None] = print, *, data_byt
     """
     if cfg.ray.gpu and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
         if not torch.cuda.is_available():  # a local cluster would have no GPU either: say so without starting Ray
-            raise ValueError("--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False) and no Ray "
+            raise InputError("--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False) and no Ray "
                              "cluster was given. Drop --gpu to train on CPU, or pass --address of a cluster "
                              "with GPUs.")
     raycluster.ensure_ray(cfg.ray.address, object_store_memory=raycluster.object_store_for(data_bytes),
@@ -115,7 +116,7 @@ def to_ray_dataset(ds: ArrayDataset, blocks: int) -> "ray.data.Dataset":
 def _data_mode(data: TrainingData, workers: int) -> str:
     mode = os.environ.get(DATA_MODE_ENV, "auto")
     if mode not in ("auto", "materialize", "stream"):
-        raise ValueError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
+        raise InputError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
     if mode != "auto":
         return mode
     shard = data.train.x.nbytes / workers
@@ -128,7 +129,7 @@ def _ray_run(run: RunDir, cfg: RaeRunConfig, resume: bool) -> dict[str, str]:
     path = run.path / RAY_RUN_FILE
     if resume:
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: {run.path} has no {RAY_RUN_FILE}: it was not trained on Ray "
+            raise MissingFileError(f"--resume: {run.path} has no {RAY_RUN_FILE}: it was not trained on Ray "
                                     "(resume it with --local)")
         return json.loads(path.read_text())
     storage = cfg.ray.storage_path or str((run.path / "ray").resolve())
@@ -238,8 +239,11 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
     }
     # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).
     split = ["train", "val"] if mode == "stream" else ["train"]
+    from raeflow.train.rendezvous import NodeLocalTorchConfig
+
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        torch_config=NodeLocalTorchConfig(),  # torch.distributed's sockets on the node's address, not on every one
         dataset_config=ray.train.DataConfig(datasets_to_split=split),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.gpu),
                                      placement_strategy=_placement(cfg.ray.placement),
@@ -271,7 +275,9 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
 def _placement(strategy: str) -> str:
     s = str(strategy).upper()
     if s not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ValueError(f"ray.placement={strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        from raeflow.errors import ConfigError
+
+        raise ConfigError(f"ray.placement={strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     return s
 
 

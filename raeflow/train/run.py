@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_training_data
-from raeflow.io import save_model
+from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
-from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
+from raeflow.errors import InputError
 
 
 @dataclass
@@ -126,22 +126,23 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         raise ValueError("on_epoch is only called by in-process (local) training")
     if resume:
         if not cfg.output:
-            raise ValueError("--resume needs --output: the run directory to continue")
+            raise InputError("--resume needs --output: the run directory to continue")
         saved = RunDir(cfg.output).config()
         saved.ray = cfg.ray  # resources may change on resume; what is trained may not
         cfg = saved
     cfg.output = cfg.output or default_output(cfg.variant)
+    cfg.validate()  # library callers too: nothing is loaded or started on a value out of range
     if data is None:
         data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                                   weighting=cfg.data.weighting)
     if model is None:
         seed_everything(cfg.train.seed)  # the initial weights too follow train.seed (not only the batches)
-        model = build_model(cfg.variant, **model_config(cfg, data))  # fails on a bad config before any directory
+        model = build_checked(cfg.variant, model_config(cfg, data))  # a bad or oversized config fails before any directory
     else:
         cfg.variant, cfg.model = model.variant, dict(model.config)
     if data.train.y is None and any(s.supervised for s in model.stages(TrainPlan(cfg.train.epochs,
                                                                                  dict(cfg.train.stage_epochs)))):
-        raise ValueError(f"{cfg.variant} trains on labels, and {cfg.data.dataset} has none")
+        raise InputError(f"{cfg.variant} trains on labels, and {cfg.data.dataset} has none")
     if not local:  # join/start Ray and check resources (--gpu without a GPU) before the run directory exists
         from raeflow.train.ray_engine import preflight
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from raeflow.config import RunConfig
+from raeflow.errors import MissingFileError, RunExistsError
 
 _CKPT = "checkpoint.pt"
 
@@ -65,15 +66,43 @@ class RunDir:
         run = cls(cfg.output)
         if resume:
             if not run.run_yaml.is_file():
-                raise FileNotFoundError(f"--resume: {run.path} is not a run directory (no run.yaml)")
+                raise MissingFileError(f"--resume: {run.path} is not a run directory (no run.yaml)")
             return run
+        if run.path.exists() and not run.path.is_dir():
+            raise RunExistsError(f"--output {run.path} is a file; a run directory must be a folder")
         if run.path.exists() and any(run.path.iterdir()):
-            raise FileExistsError(f"run directory {run.path} already exists and is not empty: pass --resume to "
-                                  "continue it, or choose another --output")
+            if run.never_trained():
+                # A run that failed before its first checkpoint (bad data, no Ray, Ctrl-C) holds only what
+                # create() wrote: nothing to keep, and it must not block the same command run again.
+                run.clear_failed_start()
+            elif run.run_yaml.is_file() and not (run.model / "config.json").is_file():
+                raise RunExistsError(f"run directory {run.path} holds an unfinished run (checkpoints, no model): pass "
+                                     "--resume to continue it, or choose another --output")
+            else:
+                raise RunExistsError(f"run directory {run.path} already exists and is not empty: pass --resume to "
+                                     "continue it, or choose another --output")
         run.path.mkdir(parents=True, exist_ok=True)
         run.plots.mkdir(exist_ok=True)
         cfg.save(run.run_yaml)
         return run
+
+    #: What create() writes before any training: a run holding only these never trained.
+    _START_FILES = {"run.yaml", "plots", "metrics.jsonl"}
+
+    def never_trained(self) -> bool:
+        """Only what :meth:`create` writes is here (plots/ empty, no metrics): the run failed before training."""
+        names = {p.name for p in self.path.iterdir()}
+        return (self.run_yaml.is_file() and names <= self._START_FILES
+                and not (self.plots.is_dir() and any(self.plots.iterdir()))
+                and not (self.metrics.is_file() and self.metrics.stat().st_size))
+
+    def clear_failed_start(self) -> None:
+        for name in self._START_FILES:
+            p = self.path / name
+            if p.is_dir():
+                p.rmdir()
+            elif p.exists():
+                p.unlink()
 
     def config(self) -> RunConfig:
         return RunConfig.from_yaml(self.run_yaml)
