@@ -186,7 +186,8 @@ def test_cli_parsers_and_options(tmp_path, serve_models, monkeypatch):
 def test_search_matches_indexes_to_their_model(dae, vae, serve_index, digits):
     from raeflow.serve.search import load_indexes, search_index
 
-    dae.endpoints = [e for e in dae.endpoints if e != "search"]  # module-scoped objects: start clean
+    dae.indexes, vae.indexes = [], []  # module-scoped objects: start clean
+    assert "search" not in dae.endpoints  # no index yet: no /search
     indexes = load_indexes([{"name": "digits", "path": serve_index}], {"dae": dae, "vae2d": vae})
     assert indexes["digits"].models == ["dae"]  # embedded by the DAE: the VAE's codes are another space
     assert "search" in dae.endpoints and "search" not in vae.endpoints
