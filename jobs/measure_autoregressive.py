@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--epoch", type=int)
     ap.add_argument("--n-test", type=int, default=10000)
     ap.add_argument("--parzen", action="store_true")
+    ap.add_argument("--no-samples", action="store_true", help="skip sampling (a vq-stage checkpoint: no prior yet)")
     ap.add_argument("--figures", type=Path, default=Path("docs/results"))
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -102,8 +103,8 @@ def main() -> None:
         xt = torch.from_numpy(x)
         rec = torch.cat([model.reconstruct(xt[i:i + 500]) for i in range(0, len(xt), 500)])
         out["squared_error_per_image"] = float(((rec - xt) ** 2).flatten(1).sum(1).double().mean())
-        grid_png(torch.stack([xt[:16], rec[:16]], 1).reshape(32, 1, 28, 28), a.figures / f"{name}-reconstructions.png",
-                 16)
+        # two rows: 16 test digits, their reconstructions
+        grid_png(torch.cat([xt[:16], rec[:16]]), a.figures / f"{name}-reconstructions.png", 16)
     if cap.DISCRETE_CODES in caps:
         xt = torch.from_numpy(x)
         idx = torch.cat([model.encode_indices(xt[i:i + 500]) for i in range(0, len(xt), 500)])
@@ -114,7 +115,7 @@ def main() -> None:
         if hasattr(model, "prior_log_prob"):
             lp = torch.cat([model.prior_log_prob(idx[i:i + 500]) for i in range(0, len(idx), 500)]).double()
             out["prior_nll_codes"] = float(-lp.mean())
-    if cap.GENERATE in caps:
+    if cap.GENERATE in caps and not a.no_samples:
         g = torch.Generator().manual_seed(0)
         n_grid = 16 if cap.AUTOREGRESSIVE in caps and cap.ENCODE not in caps else 64
         samples = model.sample(n_grid, generator=g)

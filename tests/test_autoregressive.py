@@ -96,6 +96,7 @@ def test_sampling_is_reproducible_and_seed_dependent(variant):
     torch.manual_seed(0)
     model = build_model(variant, input_shape=[1, 8, 8]).eval()
     assert cap.AUTOREGRESSIVE in model.declared_capabilities()
+    assert model.sample_steps == (64 if variant == "pixelcnn" else 4)  # 8x8 pixels; a 2x2 code grid
     a = model.sample(4, generator=torch.Generator().manual_seed(7))
     b = model.sample(4, generator=torch.Generator().manual_seed(7))
     c = model.sample(4, generator=torch.Generator().manual_seed(8))

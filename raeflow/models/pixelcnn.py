@@ -65,6 +65,11 @@ class PixelCNN(nn.Module):
         c, h, w = self.input_shape
         return c * h * w
 
+    @property
+    def sample_steps(self) -> int:
+        """Sequential network passes one ``sample(n)`` call takes (whatever n): what callers bound n by."""
+        return self.input_shape[1] * self.input_shape[2]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> (B, *input_shape): the Bernoulli logit of each pixel given the ones before it."""
         return self.net(x.reshape(-1, *self.input_shape))

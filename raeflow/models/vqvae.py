@@ -209,6 +209,11 @@ class VQVAE(nn.Module):
         c, h, w = self.input_shape
         return c * h * w
 
+    @property
+    def sample_steps(self) -> int:
+        """Sequential prior passes one ``sample(n)`` call takes (h * w, whatever n), plus one decode."""
+        return self.grid[0] * self.grid[1]
+
     def _z_e(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.reshape(-1, *self.input_shape))  # (B, D, h, w)
 
