@@ -21,7 +21,7 @@ POSTERIOR = "posterior"  # encode_stats(x) -> (mu, logvar), each (B, latent_dim)
 LIKELIHOOD = "likelihood"  # log_likelihood(x, k) -> (B,) log p(x) in nats (exact, or a k-sample bound)
 CLASSIFY = "classify"  # predict(x) -> (B, num_classes) logits
 DISCRETE_CODES = "discrete_codes"  # encode_indices(x) -> (B, *code_grid) int64 codebook indices
-AUTOREGRESSIVE = "autoregressive"  # sample() draws one position at a time: slow, so callers bound n
+AUTOREGRESSIVE = "autoregressive"  # sample() draws one position at a time (``sample_steps`` forward passes)
 
 ALL = (ENCODE, RECONSTRUCT, DENOISE, GENERATE, POSTERIOR, LIKELIHOOD, CLASSIFY, DISCRETE_CODES, AUTOREGRESSIVE)
 
@@ -34,8 +34,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     POSTERIOR: ("encode_stats",),
     LIKELIHOOD: ("log_likelihood",),
     CLASSIFY: ("predict",),
-    DISCRETE_CODES: ("encode_indices",),
-    AUTOREGRESSIVE: ("sample",),
+    DISCRETE_CODES: ("encode_indices", "decode_indices"),
+    AUTOREGRESSIVE: ("sample",),  # and the attribute ``sample_steps``: forward passes per sample
 }
 
 

@@ -31,8 +31,10 @@ from raeflow.serve.schemas import (DECIMALS, MAX_BODY_BYTES, MAX_ITEMS, ImagesRe
                                    validation_message)
 from raeflow.errors import InputError
 
-#: autoregressive samplers draw one position per forward pass: a bound on n keeps one request's latency bounded
-MAX_AUTOREGRESSIVE_SAMPLES = 16
+#: autoregressive samplers draw one position per forward pass (``model.sample_steps`` of them): a request may ask
+#: for at most this many image-steps, so its latency stays bounded — a pixel-level PixelCNN on MNIST (784 steps)
+#: gets n <= 5, a VQ-VAE's prior over 7x7 codes (49 steps) n <= 83
+AUTOREGRESSIVE_STEP_BUDGET = 4096
 
 
 @dataclass
@@ -62,7 +64,10 @@ class ModelService:
         self.is_image = artifact.input.is_image
         # Inputs in [0, 1] unless the decoder is linear (then any finite value is a valid input).
         self.bounded = artifact.input.bounded
-        self.max_samples = MAX_AUTOREGRESSIVE_SAMPLES if cap.AUTOREGRESSIVE in self.capabilities else MAX_ITEMS
+        self.max_samples = MAX_ITEMS
+        if cap.AUTOREGRESSIVE in self.capabilities:
+            steps = max(1, int(self.model.sample_steps))  # promised by the capability
+            self.max_samples = max(1, min(MAX_ITEMS, AUTOREGRESSIVE_STEP_BUDGET // steps))
         #: the embeddings indexes this model's codes can search (set by ``raeflow.serve.search.load_indexes``)
         self.indexes: list[Any] = []
         self.search_fn: Callable[[np.ndarray, int, str | None], dict[str, Any]] | None = None
