@@ -96,6 +96,9 @@ class PixelCNN(nn.Module):
                 x[:, :, i, j] = (u < torch.sigmoid(logit)).to(x.dtype)
         return x
 
+    def enter_stage(self, stage: Stage, fresh: bool = True) -> None:
+        """The trainer's stage hook (see ``Autoencoder.enter_stage``): the stages' ``frozen`` lists do the work."""
+
     def stages(self, plan: TrainPlan) -> list[Stage]:
         return [Stage("train", plan.epochs)]
 

@@ -280,6 +280,9 @@ class VQVAE(nn.Module):
         return self.decode_indices(self.sample_indices(n, generator))
 
     # ------------------------------------------------------------------------------------------ training
+    def enter_stage(self, stage: Stage, fresh: bool = True) -> None:
+        """The trainer's stage hook (see ``Autoencoder.enter_stage``): the stages' ``frozen`` lists do the work."""
+
     def stages(self, plan: TrainPlan) -> list[Stage]:
         return [Stage("vq", plan.epochs_for("vq"), phases=[Phase("main", modules=("encoder", "decoder"))]),
                 Stage("prior", plan.epochs_for("prior"), phases=[Phase("main", modules=("prior_embedding", "prior"))],
