@@ -35,7 +35,7 @@ def smoke(recipe: Path, rows: int, out: Path) -> dict:
     from raeflow.registry import build_model
     from raeflow.train.run import model_config, train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a smoke run, not a benchmark: leave a core to whatever else runs
     cfg = RunConfig.from_yaml(recipe)
     cfg.train.epochs = 1
     cfg.output = str(out / recipe.stem)
