@@ -150,7 +150,9 @@ def image_retrieval(model: "str | os.PathLike | TrainedModel", dataset: str = "m
     if test.y is None:
         raise InputError(f"{name}:{split} has no labels")
     codes = _encode(art, test.x)
-    dim = pca_dim or art.latent_dim
+    # PCA of the same size as the code, but never more components than pixels (a conv AE's 3,136-d feature map
+    # on 784-pixel MNIST): then the baseline is all of pixel space's directions.
+    dim = min(pca_dim or art.latent_dim, int(np.prod(test.x.shape[1:])))
     methods = {art.variant: {"dim": art.latent_dim, "precision_at_k": precision_at_k(codes, test.y, k),
                              "what": "the model's codes"}}
     if baselines:
