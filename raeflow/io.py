@@ -26,6 +26,17 @@ WEIGHTS = "model.safetensors"
 VECTORISER = "vectoriser.json"
 
 
+def special_file_kind(mode: int) -> str:
+    """What a non-regular file is, for error messages: "a folder", "a FIFO", "a device" or "a special file"."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
 def model_dir(path: str | os.PathLike) -> Path:
     """Accept a run directory (holding ``model/``) or the model directory itself."""
     p = Path(path)
@@ -90,9 +101,7 @@ def regular_file(path: Path, limit: int, what: str) -> Path:
     except FileNotFoundError:
         raise MissingFileError(f"{path}: no such file ({what})") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
-                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
-        raise InputError(f"{path}: {kind}, not a regular file ({what})")
+        raise InputError(f"{path}: {special_file_kind(st.st_mode)}, not a regular file ({what})")
     if st.st_size > limit:
         raise InputError(f"{path}: {st.st_size:,} bytes is over the {limit:,}-byte limit for {what}")
     return path

@@ -286,9 +286,9 @@ def read_input_file(root: str | Path, rel: str, limit: int, read: bool = True) -
     except FileNotFoundError:
         raise InputError(f"{rel}: cannot read (no such file: a broken link, or removed since it was listed)") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
-                stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file")
-        raise InputError(f"{rel}: {kind}, not a regular file")
+        from raeflow.io import special_file_kind
+
+        raise InputError(f"{rel}: {special_file_kind(st.st_mode)}, not a regular file")
     if st.st_size > limit:
         raise InputError(f"{rel}: {st.st_size:,} bytes is over the {limit:,}-byte limit per file")
     if not read:

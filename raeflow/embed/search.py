@@ -9,7 +9,6 @@ product, with more copies.) No Ray here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +17,7 @@ import pyarrow.dataset as pads
 
 from raeflow.artifact import TrainedModel
 from raeflow.embed.encoder import EMBEDDING, ID, LABEL
-from raeflow.embed.vectors import MAX_BLOCK, Hit, normalise, top_k  # noqa: F401 - re-exported
+from raeflow.embed.vectors import MAX_BLOCK, Hit, normalise, top_k, unit_queries  # noqa: F401 - re-exported
 from raeflow.errors import InputError, MissingFileError
 
 
@@ -68,14 +67,7 @@ class Index:
         return self.metadata.get("raeflow.model_sha256")
 
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        q = np.asarray(vectors, np.float32)
-        q = q[None] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise InputError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
-                             f"{np.shape(vectors)}")
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
-        idx, score = top_k(normalise(q), self.vectors, k)
+        idx, score = top_k(unit_queries(vectors, self.dim, k), self.vectors, k)
         return [[Hit(self.ids[j], float(s), self.labels[j]) for j, s in zip(row_i, row_s)]
                 for row_i, row_s in zip(idx, score)]
 

@@ -50,3 +50,18 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "score": self.score, "label": self.label}
+
+
+def unit_queries(vectors: np.ndarray, dim: int, k: int) -> np.ndarray:
+    """Query vectors (d,) or (m, d) -> (m, d) unit rows, after checking their size and ``k``: the one rule the exact
+    search and every ANN index apply to a query."""
+    from raeflow.errors import InputError
+
+    q = np.asarray(vectors, np.float32)
+    q = q[None] if q.ndim == 1 else q
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise InputError(f"query vectors must have {dim} values (the embeddings' size), got shape "
+                         f"{np.shape(vectors)}")
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    return normalise(q)

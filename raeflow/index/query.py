@@ -87,16 +87,9 @@ class AnnIndex:
         return idx, score
 
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Any]]:
-        from raeflow.embed.vectors import Hit, normalise
+        from raeflow.embed.vectors import Hit, unit_queries
 
-        q = np.asarray(vectors, np.float32)
-        q = q[None] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise InputError(f"query vectors must have {self.dim} values (the embeddings' size), got shape "
-                             f"{np.shape(vectors)}")
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
-        idx, score = self.top_k(normalise(q), k)
+        idx, score = self.top_k(unit_queries(vectors, self.dim, k), k)
         return [[Hit(self.ids[int(j)].as_py(), float(s), self.labels[int(j)].as_py())
                  for j, s in zip(row_i, row_s) if j >= 0] for row_i, row_s in zip(idx, score)]
 
