@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raeflow.models import capabilities as cap
+from raeflow.models.capabilities import capabilities_of
 from raeflow.models.base import Stage, TrainPlan
 from raeflow.models.pixel_layers import GatedPixelCNN
 from raeflow.registry import register_model
@@ -57,9 +58,6 @@ class PixelCNN(nn.Module):
         self.net = GatedPixelCNN(c, c, channels, layers, kernel_size, head_channels, first_kernel_size)  # (B,C,H,W) -> logits
 
     # ----------------------------------------------------------------------------------------- interface
-    def declared_capabilities(self) -> frozenset[str]:
-        return type(self).capabilities
-
     @property
     def input_dim(self) -> int:
         c, h, w = self.input_shape
@@ -120,5 +118,5 @@ class PixelCNN(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"variant": self.variant, "input_shape": list(self.input_shape),
-                "capabilities": sorted(self.declared_capabilities()),
+                "capabilities": sorted(capabilities_of(self)),
                 "parameters": sum(p.numel() for p in self.parameters())}

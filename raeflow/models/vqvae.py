@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raeflow.models import capabilities as cap
+from raeflow.models.capabilities import capabilities_of
 from raeflow.models.base import Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.pixel_layers import GatedPixelCNN
 from raeflow.registry import register_model
@@ -201,9 +202,6 @@ class VQVAE(nn.Module):
                                    prior_kernel_size)
 
     # ----------------------------------------------------------------------------------------- interface
-    def declared_capabilities(self) -> frozenset[str]:
-        return type(self).capabilities
-
     @property
     def input_dim(self) -> int:
         c, h, w = self.input_shape
@@ -317,5 +315,5 @@ class VQVAE(nn.Module):
     def describe(self) -> dict[str, Any]:
         return {"variant": self.variant, "input_shape": list(self.input_shape), "latent_dim": self.latent_dim,
                 "code_grid": list(self.grid), "codebook_size": self.codebook_size,
-                "capabilities": sorted(self.declared_capabilities()),
+                "capabilities": sorted(capabilities_of(self)),
                 "parameters": sum(p.numel() for p in self.parameters())}
