@@ -80,7 +80,7 @@ def test_run_directory_is_never_overwritten(tmp_path):
 
 
 def test_local_resume_continues_an_interrupted_run(tmp_path):
-    cfg = RunConfig(variant="ae", model={"hidden": [16], "latent_dim": 4}, output=str(tmp_path / "r"))
+    cfg = RunConfig(variant="ae", model={"hidden": [16], "latent_dim": 4}, output=str(tmp_path / "r0"))
     cfg.data.dataset, cfg.train.epochs, cfg.train.threads = "digits", 4, 1
 
     def interrupt_after_epoch_2(line: str) -> None:  # as if the driver were killed after epoch 2's checkpoint
@@ -89,10 +89,13 @@ def test_local_resume_continues_an_interrupted_run(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, local=True, log=interrupt_after_epoch_2)
-    before = torch.load(tmp_path / "r" / "checkpoints" / "latest" / "checkpoint.pt", weights_only=True)
+    before = torch.load(tmp_path / "r0" / "checkpoints" / "latest" / "checkpoint.pt", weights_only=True)
     assert before["progress"]["epoch"] == 2
+    # The run directory moves (another disk, another machine) before it is resumed: it continues where it is.
+    (tmp_path / "r0").rename(tmp_path / "r")
     lines: list[str] = []
     train(RunConfig(output=str(tmp_path / "r")), resume=True, local=True, log=lines.append)
+    assert not (tmp_path / "r0").exists()
     assert any("resumed" in line and "epoch 2" in line for line in lines)
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["3/4", "4/4"]  # 1-2 not redone
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -190,10 +190,12 @@ def test_part_writer_commits_whole_files_and_errors_after_rows(tmp_path):
     assert [p.name for p in jobmod.error_files(tmp_path)] == ["part-00000.parquet"]
     w.close()
     assert [pq.read_metadata(p).num_rows for p in jobmod.part_files(tmp_path)] == [4, 4, 1]
-    assert pq.read_table(tmp_path / ERRORS_DIR).to_pylist() == [{"id": "2", "error": "bad"}]
+    assert pq.read_table(tmp_path / ERRORS_DIR).to_pylist() == [{"id": "2", "error": "bad", "source": "2"}]
     assert not list(tmp_path.rglob(".*.tmp"))
     assert pq.read_table(tmp_path).num_rows == 9  # `_errors/` is not read as data
-    assert sorted(jobmod.committed_ids(tmp_path).to_pylist()) == [str(i) for i in range(10)]
+    taken, done = jobmod.committed(tmp_path)
+    assert sorted(taken.to_pylist()) == sorted(str(i) for i in range(10) if i != 2)  # embedded ids only
+    assert sorted(done.to_pylist()) == sorted(str(i) for i in range(10))  # every row committed, by source
 
 
 def test_cluster_yaml_matches_ray_schema():

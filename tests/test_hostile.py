@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -272,21 +273,53 @@ def test_duplicate_ids_become_error_rows_and_resume_keeps_every_row(tmp_path):
     errs = [e for e in rows.column("error").to_pylist() if e]
     assert len(errs) == 4 and all("duplicate id 'a'" in e for e in errs)
     assert len(set(rows.column("id").to_pylist())) == 5  # every row its own id: committed once each
+    assert rows.column("source").to_pylist() == ["0", "1", "2", "3", "4"]  # positions: what resume skips by
     # A resume that had committed the first row and one duplicate re-reads exactly the other three.
-    done = pa.array(rows.column("id").to_pylist()[:2])
+    done = pa.array(rows.column("source").to_pylist()[:2])
     again = pa.concat_tables(list(read_jsonl(batch, text_field="text", id_field="id", label_field=None, done=done)))
     assert again.column("id").to_pylist() == rows.column("id").to_pylist()[2:]
 
 
-def test_duplicate_ids_across_files_stop_the_writer(tmp_path):
-    from raeflow.embed.output import PartWriter
+def test_duplicate_ids_across_files_are_error_rows_and_resume_loses_none(tmp_path):
+    """Two Parquet files both holding id 'y': whichever reaches the writer second is an error row naming it. A
+    crash after the first file was committed, then --resume: the second file's 'y' is re-read (resume skips by
+    source, not id) and reported -- rows in = embedded + errors over both runs, nothing dropped."""
+    from raeflow.embed.output import PartWriter, committed, error_files
+    from raeflow.embed.readers import Prep, read_parquet_units
 
-    schema = pa.schema([("id", pa.string()), ("label", pa.string())])
-    w = PartWriter(tmp_path / "out", schema, pa.schema([("id", pa.string()), ("error", pa.string())]), 100)
-    t = pa.table({"id": ["x", "y"], "label": [None, None], "error": pa.array([None, None], pa.string())})
-    w.add(t)
-    with pytest.raises(InputError, match="duplicate id 'y'"):
-        w.add(pa.table({"id": ["y"], "label": [None], "error": pa.array([None], pa.string())}))
+    for name, ids in (("a", ["x", "y"]), ("b", ["y", "z"])):
+        pq.write_table(pa.table({"id": ids, "text": [f"doc {i}" for i in ids]}), tmp_path / f"{name}.parquet")
+    files = [(str(tmp_path / "a.parquet"), "a.parquet#"), (str(tmp_path / "b.parquet"), "b.parquet#")]
+
+    def read(file: int, done):
+        units = pa.table({"file": [file], "row_group": [0], "first_row": [0]})
+        blocks = list(read_parquet_units(
+            units, files=files, column="text", id_column="id", label_column=None, prep=Prep("text", (4,)),
+            kind="text", x_dtype="float32", done=done))
+        return pa.concat_tables(blocks) if blocks else pa.table({"id": pa.array([], pa.string())})
+
+    schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("source", pa.string())])
+    err_schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("source", pa.string())])
+
+    def writer(first_part=0):
+        return PartWriter(tmp_path / "out", schema, err_schema, 1, first_part)
+
+    w = writer()
+    assert w.add(read(0, None).drop_columns(["text"])) == (2, 0)  # file a committed, then the job dies
+    taken, done = committed(tmp_path / "out")
+    assert sorted(done.to_pylist()) == ["a.parquet#0", "a.parquet#1"]
+    w2 = writer(first_part=w.next_part)
+    w2.already(taken)
+    assert read(0, done).num_rows == 0  # file a: nothing left to read
+    again = read(1, done)
+    assert again.column("id").to_pylist() == ["y", "z"]  # b's 'y' is read, although 'y' is committed
+    assert w2.add(again.drop_columns(["text"])) == (1, 1)
+    w2.close()
+    errs = pq.read_table(error_files(tmp_path / "out")[0]).to_pylist()
+    assert errs == [{"id": "y#duplicate@b.parquet#0", "source": "b.parquet#0",
+                     "error": "b.parquet#0: duplicate id 'y' (an earlier row has it); ids must be unique"}]
+    emb = pq.read_table(tmp_path / "out").column("id").to_pylist()
+    assert sorted(emb) == ["x", "y", "z"]  # 4 rows in = 3 embedded + 1 error
 
 
 def test_undecodable_name_fifo_and_huge_image_are_error_rows(tmp_path, huge_png):

@@ -33,6 +33,10 @@ from raeflow.errors import InputError
 
 #: Batch columns this module reads and writes.
 ID, LABEL, ERROR, X, TEXT, EMBEDDING, LOGVAR, CODES = "id", "label", "error", "x", "text", "embedding", "logvar", "codes"
+#: The row's position in its input: the id it would have had without an id column (``file#row`` for Parquet, the
+#: document index for JSONL, the relative path in a folder, ``dataset:split:index``). Unlike a user's id it is
+#: unique by construction, so ``--resume`` skips rows by it: a repeated user id can never hide an unread row.
+SOURCE = "source"
 
 #: capability -> the column it adds to the embeddings, in schema order
 CODE_COLUMNS: tuple[tuple[str, str], ...] = ((cap.ENCODE, EMBEDDING), (cap.POSTERIOR, LOGVAR),
@@ -41,13 +45,14 @@ CODE_COLUMNS: tuple[tuple[str, str], ...] = ((cap.ENCODE, EMBEDDING), (cap.POSTE
 
 def embedding_schema(latent_dim: int, capabilities: frozenset[str], code_len: int | None = None,
                      error: bool = True, metadata: dict[str, str] | None = None) -> pa.Schema:
-    """The columns of the embeddings: ``id``, the capabilities' columns, ``label`` (and ``error`` while rows are
-    in flight; the job splits errors off into their own table before writing)."""
+    """The columns of the embeddings: ``id``, the capabilities' columns, ``label``, ``source`` (and ``error``
+    while rows are in flight; the job splits errors off into their own table before writing)."""
     types = {EMBEDDING: vector_type(latent_dim), LOGVAR: vector_type(latent_dim),
              CODES: pa.list_(pa.int32(), int(code_len or 0))}
     fields = [pa.field(ID, pa.string(), nullable=not metadata)]
     fields += [pa.field(col, types[col]) for c, col in CODE_COLUMNS if c in capabilities]
     fields.append(pa.field(LABEL, pa.string()))
+    fields.append(pa.field(SOURCE, pa.string()))
     if error:
         fields.append(pa.field(ERROR, pa.string()))
     return pa.schema(fields, metadata=metadata)
@@ -197,6 +202,7 @@ class Encoder:
         ids = _strings(_column(batch, ID), _num_rows(batch))
         n = len(ids)
         labels = _strings(_column(batch, LABEL), n)
+        sources = _strings(_column(batch, SOURCE), n)
         errors = _strings(_column(batch, ERROR), n)
         ok = np.asarray(errors.is_null().to_numpy(zero_copy_only=False), bool)
         good = np.flatnonzero(ok)
@@ -204,7 +210,7 @@ class Encoder:
         cols: dict[str, Any] = {ID: ids}
         encoded = self._encode_rows(batch, good, n) if len(good) else {}
         for name in schema.names:
-            if name in (ID, LABEL, ERROR):
+            if name in (ID, LABEL, SOURCE, ERROR):
                 continue
             width = schema.field(name).type.list_size
             full = np.zeros((n, width), np.int32 if name == CODES else np.float32)
@@ -213,6 +219,7 @@ class Encoder:
             cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width,
                                                            mask=pa.array(~ok, pa.bool_()))
         cols[LABEL] = labels
+        cols[SOURCE] = sources
         cols[ERROR] = errors
         return pa.table(cols, schema=schema)
 

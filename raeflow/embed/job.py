@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 
 from raeflow.artifact import TrainedModel
-from raeflow.embed.output import (EmbedSummary, PartWriter, committed_ids, count_rows, error_files, errors_schema,
+from raeflow.embed.output import (EmbedSummary, PartWriter, committed, count_rows, error_files, errors_schema,
                                   metadata, output_schema, part_files, prepare_output, rows_per_file,
                                   write_manifest)
 
@@ -59,11 +59,12 @@ def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str
     meta = metadata(art, source.spec)
     out = Path(output)
     first_part = prepare_output(out, meta, resume, log)
-    done = committed_ids(out) if resume else pa.array([], pa.string())
+    # done: the sources of the rows committed (the readers skip them); taken: the ids embedded (not to reuse)
+    taken, done = committed(out) if resume else (pa.array([], pa.string()),) * 2
     todo = source.todo(done)
     schema = output_schema(encoder, meta)
     writer = PartWriter(out, schema, errors_schema(meta), file_rows or rows_per_file(schema), first_part)
-    writer.already(done)
+    writer.already(taken)
     md = art.path
     log(f"embed: {source.spec} ({source.kind}) with {art.variant} {md} (sha256 {meta['raeflow.model_sha256'][:12]})"
         + (f"; {len(done):,} rows already done" if len(done) else ""))

@@ -11,8 +11,9 @@ block, and resume is exact: the ids in the committed files are the rows done.
 
 Layout of ``OUT_DIR``::
 
-    part-00000.parquet ...      id, embedding fixed_size_list<float32>[k][, logvar][, codes], label  (+ raeflow.*)
-    _errors/part-00000.parquet  id, error — inputs that could not be read or decoded
+    part-00000.parquet ...      id, embedding fixed_size_list<float32>[k][, logvar][, codes], label, source
+                                (+ raeflow.* metadata)
+    _errors/part-00000.parquet  id, error, source — inputs that could not be read or decoded
     _raeflow_embed.json         totals and provenance, rewritten at the end of every run
 
 The errors table lives in ``_errors/`` (not ``errors/``) because ``pyarrow.parquet.read_table(OUT_DIR)`` and
@@ -35,7 +36,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from raeflow.artifact import TrainedModel
-from raeflow.embed.encoder import ERROR, ID, embedding_schema
+from raeflow.embed.encoder import ERROR, ID, SOURCE, embedding_schema
 from raeflow.version import __version__
 from raeflow.errors import InputError, MissingFileError, RunExistsError
 
@@ -57,8 +58,8 @@ def output_schema(encoder: Any, metadata: dict[str, str]) -> pa.Schema:
 
 
 def errors_schema(metadata: dict[str, str]) -> pa.Schema:
-    return pa.schema([pa.field(ID, pa.string(), nullable=False), pa.field(ERROR, pa.string(), nullable=False)],
-                     metadata=metadata)
+    return pa.schema([pa.field(ID, pa.string(), nullable=False), pa.field(ERROR, pa.string(), nullable=False),
+                      pa.field(SOURCE, pa.string())], metadata=metadata)
 
 
 def rows_per_file(schema: pa.Schema) -> int:
@@ -89,13 +90,33 @@ def _part_number(p: Path) -> int:
     return int(p.stem.split("-", 1)[1])
 
 
-def committed_ids(out: Path) -> pa.Array:
-    """Ids in the committed embeddings and errors files: the rows a resumed job skips."""
-    files = part_files(out) + error_files(out)
-    if not files:
-        return pa.array([], pa.string())
-    ids = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=[ID]).column(ID)
-    return ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+def _column(files: list[Path], name: str, fallback: str | None = None) -> pa.Array:
+    """One string column of ``files`` as one array; files written before the column existed give ``fallback``'s
+    values (``source`` is new: older outputs' rows have their id as their position)."""
+    parts = []
+    for f in files:
+        have = pq.read_schema(f).names
+        t = pq.read_table(f, columns=list(dict.fromkeys(c for c in (name, fallback, ID) if c and c in have)))
+        col = t.column(name) if name in t.column_names else t.column(fallback or ID)
+        if fallback and name in t.column_names:
+            col = pc.coalesce(col, t.column(fallback))
+        parts.append(col.combine_chunks().cast(pa.string()))
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def committed(out: Path) -> tuple[pa.Array, pa.Array]:
+    """``(ids, sources)`` of what earlier runs committed: the embeddings' ids (a new row may not reuse one) and
+    the sources of every committed row, embedded or error (the rows a resumed job skips)."""
+    parts, errors = part_files(out), error_files(out)
+    return _column(parts, ID), _column(parts + errors, SOURCE, fallback=ID)
+
+
+def _source(t: pa.Table) -> pa.Array:
+    """The rows' sources; a table without them (a direct caller's) has its ids as positions."""
+    ids = t.column(ID).combine_chunks()
+    if SOURCE not in t.column_names:
+        return ids
+    return pc.coalesce(t.column(SOURCE).combine_chunks(), ids)
 
 
 class PartWriter:
@@ -125,33 +146,51 @@ class PartWriter:
         self.seen: set[str] = set()
 
     def already(self, ids: pa.Array | pa.ChunkedArray) -> None:
-        """Ids committed by an earlier run (resume): a new row may not reuse them either."""
+        """Ids embedded by an earlier run (resume): a new row may not reuse them either."""
         self.seen.update(i for i in ids.to_pylist() if i is not None)
 
     def add(self, table: pa.Table) -> tuple[int, int]:
         """Take one encoder output table; returns (embedded, errors) in it."""
-        ids = table.column(ID).to_pylist()
-        fresh = set(ids)
-        if len(fresh) != len(ids) or not self.seen.isdisjoint(fresh):
-            from collections import Counter
-
-            dup = next((i for i in ids if i in self.seen), None) or Counter(ids).most_common(1)[0][0]
-            raise InputError(f"duplicate id {dup!r} in two input files (or in two row groups); ids must be unique "
-                             f"across the whole input. {self.out} holds what was committed before it")
-        self.seen |= fresh
+        if SOURCE not in table.column_names:
+            table = table.append_column(SOURCE, _source(table))
+        table = self._repeats_to_errors(table)
         err = table.column(ERROR)
         bad = err.is_valid()
         n_bad = pc.sum(bad).as_py() or 0
         good = table.filter(pc.invert(bad)) if n_bad else table
         if n_bad:
             e = table.filter(bad)
-            self._errors.append(pa.table({ID: e.column(ID), ERROR: e.column(ERROR)}).cast(self.err_schema))
+            self._errors.append(e.select([ID, ERROR, SOURCE]).cast(self.err_schema))
         if good.num_rows:
             self._rows.append(good.select(self.schema.names).cast(self.schema))
             self._n += good.num_rows
         while self._n >= self.rows_per_file:
             self._flush(self.rows_per_file)
         return good.num_rows, n_bad
+
+    def _repeats_to_errors(self, table: pa.Table) -> pa.Table:
+        """Good rows whose id an earlier row (in this run, another file or block, or a committed part) already
+        took become error rows: ``<id>#duplicate@<source>``, naming the id. The readers catch repeats within one
+        file; only the writer sees every file. Resume skips by source, so such a row is re-read, not lost."""
+        ids = table.column(ID).to_pylist()
+        good = table.column(ERROR).is_null().to_pylist()
+        fresh = [i for i, ok in zip(ids, good) if ok]
+        if len(set(fresh)) == len(fresh) and self.seen.isdisjoint(fresh):
+            self.seen.update(fresh)
+            return table
+        sources = _source(table).to_pylist()
+        errors = table.column(ERROR).to_pylist()
+        for k, (rid, ok) in enumerate(zip(ids, good)):
+            if not ok:
+                continue
+            if rid in self.seen:
+                ids[k] = f"{rid}#duplicate@{sources[k]}"
+                errors[k] = f"{sources[k]}: duplicate id {rid!r} (an earlier row has it); ids must be unique"
+            else:
+                self.seen.add(rid)
+        cols = {n: table.column(n) for n in table.column_names}
+        cols[ID], cols[ERROR] = pa.array(ids, pa.string()), pa.array(errors, pa.string())
+        return pa.table(cols, schema=table.schema)
 
     def close(self) -> None:
         if self._n or self._errors:
@@ -206,7 +245,7 @@ class EmbedSummary:
                f"{self.device}, batch {self.batch_size}; {self.files} file(s) written",
                f"{self.output}: {self.total_embedded:,} embeddings, {self.total_errors:,} errors in total"]
         if self.errors:
-            out.append(f"errors: {Path(self.output) / ERRORS_DIR} (id, error)")
+            out.append(f"errors: {Path(self.output) / ERRORS_DIR} (id, error, source)")
         return out
 
 

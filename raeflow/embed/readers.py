@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from raeflow.data.text import check_document, read_text_file
 from raeflow.data.user import IMAGE_EXTS, decode_image
-from raeflow.embed.encoder import ERROR, ID, LABEL, TEXT, X
+from raeflow.embed.encoder import ERROR, ID, LABEL, SOURCE, TEXT, X
 from raeflow.errors import InputError
 
 
@@ -90,12 +90,18 @@ def bounded_malloc() -> None:
 
 # --------------------------------------------------------------------------------------------- tables
 def rows_table(ids: Sequence[str], labels: Sequence[str | None] | pa.Array, errors: Sequence[str | None],
-               *, x: np.ndarray | None = None, text: Sequence[str | None] | None = None) -> pa.Table:
-    """One block: ``x`` is ``(N, D)`` (rows with an error hold anything), or ``text`` (None for error rows)."""
+               *, x: np.ndarray | None = None, text: Sequence[str | None] | None = None,
+               sources: Sequence[str] | pa.Array | None = None) -> pa.Table:
+    """One block: ``x`` is ``(N, D)`` (rows with an error hold anything), or ``text`` (None for error rows).
+    ``sources``: each row's position in the input (see :data:`~raeflow.embed.encoder.SOURCE`); default the ids,
+    for inputs whose ids are positions (folders, built-in datasets)."""
     err = pa.array(list(errors), pa.string())
-    cols: dict[str, Any] = {ID: pa.array(list(ids), pa.string()),
+    id_arr = pa.array(list(ids), pa.string())
+    src = id_arr if sources is None else (sources if isinstance(sources, pa.Array)
+                                          else pa.array(list(sources), pa.string()))
+    cols: dict[str, Any] = {ID: id_arr,
                             LABEL: labels if isinstance(labels, pa.Array) else pa.array(list(labels), pa.string()),
-                            ERROR: err}
+                            SOURCE: src, ERROR: err}
     if x is not None:
         from raeflow.embed.encoder import to_vectors
 
@@ -317,9 +323,9 @@ def _kind_of(rel: str) -> str | None:
 
 def read_parquet_units(units: pa.Table, *, files, column, id_column, label_column, prep: Prep, kind: str,
                        x_dtype: str, done: Any, block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
-    """Read (file, row group) units -> blocks of decoded rows, skipping ids in ``done``."""
+    """Read (file, row group) units -> blocks of decoded rows, skipping rows whose source is in ``done``."""
     bounded_malloc()
-    done = done_ids(done)
+    done = done_sources(done)
     for f, g, first in zip(units.column("file").to_pylist(), units.column("row_group").to_pylist(),
                            units.column("first_row").to_pylist()):
         path, prefix = files[f]
@@ -327,22 +333,26 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
         names = set(pf.schema_arrow.names)
         cols = [c for c in (column, id_column, label_column) if c and c in names]
         n = pf.metadata.row_group(g).num_rows
+        pos = pa.array([f"{prefix}{first + i}" for i in range(n)], pa.string())  # the rows' SOURCE
         if id_column:
             ids = _strings_or_nulls(pf.read_row_group(g, columns=[id_column]).column(0).combine_chunks(), n)
-            ids = pc.if_else(ids.is_null(), pa.array([f"{prefix}{first + i}" for i in range(n)]), ids)
+            ids = pc.if_else(ids.is_null(), pos, ids)
         else:
-            ids = pa.array([f"{prefix}{first + i}" for i in range(n)], pa.string())
+            ids = pos
         ids, dup_errors = _dedupe_array(ids, first, Path(path).name)
-        keep = (pc.invert(pc.is_in(ids, value_set=done)) if len(done) else None)
+        # Skipped by position, not by id: a later row repeating a committed id is still read (and becomes an
+        # error row), never silently taken for the committed one.
+        keep = (pc.invert(pc.is_in(pos, value_set=done)) if len(done) else None)
         start = 0
         for rb in pf.iter_batches(batch_size=block_rows, row_groups=[g], columns=cols, use_threads=False):
             t = pa.Table.from_batches([rb])
             m = t.num_rows
-            bid = ids.slice(start, m)
+            bid, bpos = ids.slice(start, m), pos.slice(start, m)
             rows = np.arange(first + start, first + start + m)
             if keep is not None:
                 k = keep.slice(start, m)
-                t, bid, rows = t.filter(k), bid.filter(k), rows[np.asarray(k.to_numpy(zero_copy_only=False), bool)]
+                t, bid, bpos = t.filter(k), bid.filter(k), bpos.filter(k)
+                rows = rows[np.asarray(k.to_numpy(zero_copy_only=False), bool)]
             start += m
             if t.num_rows == 0:
                 continue
@@ -356,7 +366,7 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
                 if dups:
                     errors = [d or e for d, e in zip(dups, errors)]
                     texts = [None if d else t_ for d, t_ in zip(dups, texts)]
-                yield rows_table(bid.to_pylist(), labels, errors, text=texts)
+                yield rows_table(bid.to_pylist(), labels, errors, text=texts, sources=bpos)
                 continue
             inner = _unwrap(col)
             if pa.types.is_binary(inner.type) or pa.types.is_large_binary(inner.type):
@@ -369,16 +379,17 @@ def read_parquet_units(units: pa.Table, *, files, column, id_column, label_colum
                           for w in where]
             if dups:
                 errors = [d or e for d, e in zip(dups, errors)]
-            yield rows_table(bid.to_pylist(), labels, errors, x=x)
+            yield rows_table(bid.to_pylist(), labels, errors, x=x, sources=bpos)
 
 def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_field: str | None, done: Any,
                block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
     """Stream a JSONL file in blocks. Blank lines are skipped; a line that is not a JSON object with a usable
-    text is its row's error. Default ids are the document index (blank lines not counted), as the data layer's."""
+    text is its row's error. Default ids are the document index (blank lines not counted), as the data layer's;
+    the index is also the row's source, by which ``done`` (committed sources) is skipped."""
     bounded_malloc()
-    done_set = set(done_ids(done).to_pylist())
+    done_set = set(done_sources(done).to_pylist())
     for path in batch.column("path").to_pylist():
-        ids, labels, texts, errors = [], [], [], []
+        ids, labels, texts, errors, sources = [], [], [], [], []
         index = 0
         seen: set[str] = set()  # one file is one task: every duplicate is caught as the rows stream by
         read_input_file(Path(path).parent, Path(path).name, 1 << 62, read=False)  # a FIFO would never end
@@ -407,20 +418,22 @@ def read_jsonl(batch: pa.Table, *, text_field: str, id_field: str | None, label_
                     err = f"{where}: not valid JSON ({e.msg})"
                 except ValueError as e:
                     err, text = str(e), None
+                pos = str(index - 1)  # the row's SOURCE: resume skips by it (see read_parquet_units)
                 rid, dup = dedupe(rid, seen, where)
                 if dup:
                     err, text = dup, None
-                if rid in done_set:
+                if pos in done_set:
                     continue
                 ids.append(rid)
+                sources.append(pos)
                 labels.append(label)
                 texts.append(text)
                 errors.append(err)
                 if len(ids) >= block_rows:
-                    yield rows_table(ids, labels, errors, text=texts)
-                    ids, labels, texts, errors = [], [], [], []
+                    yield rows_table(ids, labels, errors, text=texts, sources=sources)
+                    ids, labels, texts, errors, sources = [], [], [], [], []
         if ids:
-            yield rows_table(ids, labels, errors, text=texts)
+            yield rows_table(ids, labels, errors, text=texts, sources=sources)
 
 
 def dedupe(rid: str, seen: set[str], where: str) -> tuple[str, str | None]:
@@ -448,6 +461,6 @@ def _dedupe_array(ids: pa.Array, first: int, name: str) -> tuple[pa.Array, dict[
     return pa.array(out, pa.string()), errors
 
 
-def done_ids(done: pa.Array | pa.ChunkedArray | None) -> pa.Array:
-    """The ids a resumed job already committed (an empty array for none)."""
+def done_sources(done: pa.Array | pa.ChunkedArray | None) -> pa.Array:
+    """The sources of the rows a resumed job already committed (an empty array for none)."""
     return pa.array([], pa.string()) if done is None else done

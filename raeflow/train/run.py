@@ -129,6 +129,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
             raise InputError("--resume needs --output: the run directory to continue")
         saved = RunDir(cfg.output).config()
         saved.ray = cfg.ray  # resources may change on resume; what is trained may not
+        saved.output = cfg.output  # the directory may have moved (copied to another disk or machine) since it began
         cfg = saved
     cfg.output = cfg.output or default_output(cfg.variant)
     cfg.validate()  # library callers too: nothing is loaded or started on a value out of range
