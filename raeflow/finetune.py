@@ -26,7 +26,7 @@ def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = Non
     """The training split of ``spec`` (less a validation tail, as ``train`` carves it), preprocessed as the
     encoder's training data was: documents go through the encoder's own ``vectoriser`` (not a new one fitted
     here, whose vocabulary would not match the encoder's inputs)."""
-    full = load_eval_data(spec, vectoriser, default_split="train")
+    full = load_eval_data(spec, vectoriser, default_split="train", sparse=True)
     if full.split == "test":
         raise InputError(f"{spec}: the test split is for `raeflow eval`, not for fine-tuning")
     if full.y is None:

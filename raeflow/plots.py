@@ -88,7 +88,7 @@ def latent_scatter(model, x: np.ndarray, y: np.ndarray | None, path: Path, n: in
         z = PCA(2, random_state=0).fit_transform(z)
         how = "PCA of code"
     fig, ax = plt.subplots(figsize=(6, 5))
-    sc = ax.scatter(z[:, 0], z[:, 1], c=None if y is None else y[:n], cmap="tab10", s=4)
+    sc = ax.scatter(z[:, 0], z[:, 1], s=4, **({} if y is None else {"c": y[:n], "cmap": "tab10"}))
     if y is not None:
         fig.colorbar(sc, ax=ax)
     ax.set_title(f"latent space ({how})")

@@ -168,10 +168,14 @@ def test_vectoriser_vocabulary_stems_and_order():
     ("tfidf", _l2(COUNTS * np.array([1.0, math.log(4 / 3) + 1, math.log(2) + 1, math.log(2) + 1]))),
 ])
 def test_vectoriser_weightings_by_hand(weighting, expected):
-    x = Vectoriser(weighting=weighting).fit(DOCS).transform(DOCS)
+    vec = Vectoriser(weighting=weighting).fit(iter(DOCS))  # a streamed pass: any iterable of documents
+    x = vec.transform(DOCS)
     assert x.dtype == np.float32 and x.shape == (3, 4)
     np.testing.assert_allclose(x, expected, rtol=1e-6)
     assert x.min() >= 0.0 and x.max() <= 1.0
+    sparse = vec.transform_sparse(DOCS, chunk=2)  # the rows training holds: the same numbers, chunked
+    assert sparse.dtype == np.float32 and sparse.nnz == np.count_nonzero(expected)
+    np.testing.assert_allclose(sparse.toarray(), expected, rtol=1e-6)
 
 
 def test_vectoriser_unknown_words_give_a_zero_row():

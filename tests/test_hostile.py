@@ -201,12 +201,34 @@ def test_large_first_image_is_bounded_default_size(tmp_path):
     assert h * w <= MAX_DEFAULT_PIXELS and abs(w / h - 2.0) < 0.05  # aspect kept, bounded
 
 
-def test_dense_document_matrix_over_budget_is_refused(tmp_path, monkeypatch):
+def _word(i: int) -> str:
+    """A distinct stem-proof word per integer (letters only: the tokeniser drops digits)."""
+    out = ""
+    for _ in range(3):
+        i, r = divmod(i, 26)
+        out += "bcdfghjklmnpqrstvwxyzbcdfg"[r] + "aeiou"[r % 5]
+    return out
+
+
+def test_documents_are_held_sparse_and_only_their_sparse_size_is_bounded(tmp_path, monkeypatch):
+    """10,000 documents over a 2,000-stem vocabulary: 80 MB as dense float32 rows, ~0.5 MB as CSR. Under a 4 MiB
+    data budget they train (rows densified per batch) -- the dense matrix would have been refused -- and under
+    a 0.1 MiB budget the sparse rows themselves are refused, naming the budget."""
     f = tmp_path / "docs.jsonl"
-    f.write_text("".join(json.dumps({"text": f"word{i} shared text"}) + "\n" for i in range(5000)))
-    monkeypatch.setenv("RAEFLOW_MAX_DATA_BYTES", str(4 << 20))  # 5000 x 2000 x 4 B = 40 MB > 4 MiB
-    code, out = run_cli(*TRAIN, "-d", str(f), "-o", str(tmp_path / "r"))
-    assert code == 2 and "budget" in one_error_line(out)
+    rng = np.random.default_rng(0)
+    f.write_text("".join(json.dumps({"text": " ".join(_word(int(w)) for w in rng.integers(0, 3000, 6))}) + "\n"
+                         for _ in range(10_000)))
+    monkeypatch.setenv("RAEFLOW_MAX_DATA_BYTES", str(4 << 20))
+    from raeflow.data import load_training_data
+
+    data = load_training_data(str(f))
+    assert data.train.x.shape == (9_000, 2000) and data.train.x.nbytes < 1 << 20  # dense: 72 MB
+    code, out = run_cli("train", "--local", "-d", str(f), "-e", "1", "-b", "256", "-k", "2",
+                        "--set", "model.hidden=[8]", "-o", str(tmp_path / "r"))
+    assert code == 0, out
+    monkeypatch.setenv("RAEFLOW_MAX_DATA_BYTES", str(100 << 10))
+    code, out = run_cli("train", "--local", "-d", str(f), "-e", "1", "-o", str(tmp_path / "r2"))
+    assert code == 2 and "budget" in one_error_line(out) and "sparse" in one_error_line(out)
 
 
 def test_small_image_folder_trains_end_to_end(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from raeflow.data.catalog import known_datasets, parse_spec  # noqa: F401
-from raeflow.data.core import ArrayDataset, RawSplit, register_dataset, validation_size  # noqa: F401
+from raeflow.data.core import ArrayDataset, RawSplit, SparseRows, register_dataset, validation_size  # noqa: F401
 from raeflow.errors import InputError
 
 
@@ -60,7 +60,7 @@ def load_training_data(spec: str, val_size: int | float | None = None, *, vocab_
         from raeflow.data.text import Vectoriser
 
         vec = Vectoriser(vocab_size=vocab_size, weighting=weighting).fit(raw.x[:cut])
-        x = vec.transform(raw.x)
+        x = SparseRows(vec.transform_sparse(raw.x))  # dense only per batch: a large corpus fits as CSR
         prep = {"vectoriser": vec.describe()}
     else:
         vec, x, prep = None, np.ascontiguousarray(raw.x, dtype=np.float32), {"pixels": "bytes/255"}
@@ -70,13 +70,16 @@ def load_training_data(spec: str, val_size: int | float | None = None, *, vocab_
     return TrainingData(train, val, vec)
 
 
-def load_eval_data(spec: str, vectoriser: Any = None, default_split: str = "test") -> ArrayDataset:
-    """A split preprocessed as at training time (documents through the model's saved ``vectoriser``)."""
+def load_eval_data(spec: str, vectoriser: Any = None, default_split: str = "test", *,
+                   sparse: bool = False) -> ArrayDataset:
+    """A split preprocessed as at training time (documents through the model's saved ``vectoriser``; as
+    :class:`SparseRows` with ``sparse``, for training on them: fine-tuning)."""
     name, split, kind, raw = _raw(spec, default_split)
     if kind == "text":
         if vectoriser is None:
             raise InputError(f"{spec} holds documents: pass the model's vectoriser (saved with the model)")
-        x, prep = vectoriser.transform(raw.x), {"vectoriser": vectoriser.describe()}
+        x = SparseRows(vectoriser.transform_sparse(raw.x)) if sparse else vectoriser.transform(raw.x)
+        prep = {"vectoriser": vectoriser.describe()}
     else:
         x, prep = np.ascontiguousarray(raw.x, dtype=np.float32), {"pixels": "bytes/255"}
     return ArrayDataset(name, split, x, raw.y, raw.classes, kind, raw.ids, prep)

@@ -46,13 +46,56 @@ def register_dataset(name: str, kind: str, summary: str, splits: tuple[str, ...]
     return wrap
 
 
+class SparseRows:
+    """``(N, V)`` float32 rows held as CSR: how document vectors stay in memory (a few percent of the dense size).
+
+    Indexing gives **dense** rows, what a model takes: ``rows[slice | ndarray]`` an ndarray, ``rows[LongTensor]``
+    a tensor (a training batch, :class:`~raeflow.train.loop.TensorBatches`). :meth:`take` keeps rows sparse (a
+    split of a dataset).
+    """
+
+    def __init__(self, csr: Any):
+        self.csr = csr.tocsr().astype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.csr.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.csr.data.nbytes + self.csr.indices.nbytes + self.csr.indptr.nbytes)
+
+    def __len__(self) -> int:
+        return int(self.csr.shape[0])
+
+    def take(self, idx: slice | np.ndarray) -> "SparseRows":
+        return SparseRows(self.csr[idx])
+
+    def __getitem__(self, idx: Any) -> Any:
+        import torch
+
+        if isinstance(idx, torch.Tensor):
+            return torch.from_numpy(self.csr[idx.numpy()].toarray())
+        if isinstance(idx, (int, np.integer)):
+            return self.csr[int(idx)].toarray()[0]
+        return self.csr[idx].toarray()
+
+
 @dataclass
 class ArrayDataset:
     """A split ready for a model: float32 features, optional int64 labels, and where it came from."""
 
     name: str  # the spec's name part, e.g. "mnist" (or the user path)
     split: str  # "train" | "val" | "test" | "all"
-    x: np.ndarray  # (N, C, H, W) or (N, V) float32
+    x: np.ndarray | SparseRows  # (N, C, H, W) float32, or (N, V) document vectors (sparse for training)
     y: np.ndarray | None = None  # (N,) int64
     classes: list[str] | None = None
     kind: str = "image"
@@ -77,7 +120,8 @@ class ArrayDataset:
         return self.ids if self.ids is not None else [f"{self.name}:{self.split}:{i}" for i in range(len(self))]
 
     def subset(self, idx: slice | np.ndarray, split: str | None = None) -> "ArrayDataset":
-        return ArrayDataset(self.name, split or self.split, self.x[idx], None if self.y is None else self.y[idx],
+        x = self.x.take(idx) if isinstance(self.x, SparseRows) else self.x[idx]
+        return ArrayDataset(self.name, split or self.split, x, None if self.y is None else self.y[idx],
                             self.classes, self.kind, None if self.ids is None else list(np.asarray(self.ids)[idx]),
                             dict(self.preprocessing))
 

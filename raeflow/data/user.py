@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -208,27 +207,36 @@ def _ids(values: list[Any], names: list[str], defaults: list[str]) -> list[str]:
     return ids
 
 
-def _load_jsonl(path: Path) -> RawSplit:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    docs, labels, ids, names = [], [], [], []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks on.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
+def _jsonl_lines(f, path: Path):
+    """``(line number, text)`` of a JSONL file opened in binary, decoded one line at a time."""
+    offset = 0
+    for lineno, raw in enumerate(f, start=1):
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or "text" not in rec:
-            raise InputError(f"{where}: expected a JSON object with a \"text\" field")
-        docs.append(check_document(rec["text"], where))
-        labels.append(rec.get("label"))
-        ids.append(rec.get("id"))
-        names.append(where)
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+        offset += len(raw)
+
+
+def _load_jsonl(path: Path) -> RawSplit:
+    docs, labels, ids, names = [], [], [], []
+    # Read a line at a time (never the whole file as one string besides the documents kept); binary lines split
+    # on b"\n" only, not on U+2028 and the other characters str.splitlines breaks on (JSON strings may hold them).
+    with open(path, "rb") as f:
+        for lineno, line in _jsonl_lines(f, path):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise InputError(f"{where}: expected a JSON object with a \"text\" field")
+            docs.append(check_document(rec["text"], where))
+            labels.append(rec.get("label"))
+            ids.append(rec.get("id"))
+            names.append(where)
     if not docs:
         raise InputError(f"{path}: no documents (the file has no JSON lines)")
     y, classes = _labels(labels, names)

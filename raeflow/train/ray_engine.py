@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -49,7 +50,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raeflow.config import RunConfig as RaeRunConfig
-from raeflow.data import ArrayDataset, TrainingData
+from raeflow.data import ArrayDataset, SparseRows, TrainingData
 from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -105,12 +106,38 @@ def to_ray_dataset(ds: ArrayDataset, blocks: int) -> "ray.data.Dataset":
     bounds = np.linspace(0, n, max(1, min(blocks, n)) + 1).astype(int)
     tables = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        cols = {"i": pa.array(np.arange(a, b, dtype=np.int64)),
-                "x": ArrowTensorArray.from_numpy(np.ascontiguousarray(ds.x[a:b], dtype=np.float32))}
+        cols = {"i": pa.array(np.arange(a, b, dtype=np.int64))}
+        if isinstance(ds.x, SparseRows):  # documents stay sparse in the store; workers densify per batch
+            cols.update(sparse_columns(ds.x.csr[a:b]))
+        else:
+            cols["x"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(ds.x[a:b], dtype=np.float32))
         if ds.y is not None:
             cols["y"] = pa.array(np.asarray(ds.y[a:b], dtype=np.int64))
         tables.append(pa.table(cols))
     return ray.data.from_arrow(tables)
+
+
+def sparse_columns(csr) -> dict[str, "pa.Array"]:
+    """CSR rows as two Arrow list columns sharing offsets: ``xi`` (int32 columns) and ``xv`` (float32 values)."""
+    import pyarrow as pa
+
+    offsets = pa.array((csr.indptr - csr.indptr[0]).astype(np.int32))
+    return {"xi": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32))),
+            "xv": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32)))}
+
+
+def sparse_rows(xi, xv, width: int) -> SparseRows:
+    """The inverse of :func:`sparse_columns` for one batch (Arrow list arrays or chunked arrays)."""
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    xi = xi.combine_chunks() if isinstance(xi, pa.ChunkedArray) else xi
+    xv = xv.combine_chunks() if isinstance(xv, pa.ChunkedArray) else xv
+    offsets = np.asarray(xi.offsets.to_numpy(), np.int64)
+    indptr = offsets - offsets[0]
+    indices = xi.values.to_numpy()[offsets[0]:offsets[-1]]
+    values = xv.values.to_numpy()[offsets[0]:offsets[-1]]
+    return SparseRows(sp.csr_matrix((values, indices, indptr), shape=(len(xi), width)))
 
 
 def _data_mode(data: TrainingData, workers: int) -> str:
@@ -234,7 +261,7 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         "run": cfg.to_dict(), "variant": cfg.variant, "model_config": dict(model.config),
         "init_state": ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()}),
         "global_batch": per_worker_bs * workers, "has_val": data.val is not None, "data_mode": mode,
-        "n_train": len(data.train), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
+        "n_train": len(data.train), "sparse": isinstance(data.train.x, SparseRows), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
         "_fail_at_epoch": int(fail_at) if fail_at else None, "_fail_marker": os.environ.get(FAIL_MARKER_ENV),
     }
     # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).
@@ -307,28 +334,52 @@ def _materialize(shard, shape: tuple[int, ...], share: tuple[int, int] | None = 
     """Read this worker's shard once, whole blocks at a time, into contiguous tensors; ``share=(rank, world)``
     keeps the rows whose index is ``rank`` modulo ``world`` (a dataset Ray Data did not split)."""
     xs, ys = [], []
-    for b in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        keep = slice(None) if share is None else (b["i"] % share[1]) == share[0]
-        xs.append(b["x"][keep])
-        if "y" in b:
-            ys.append(b["y"][keep])
-    x = torch.from_numpy(np.concatenate(xs).reshape(-1, *shape)) if xs else torch.empty(0, *shape)
+    for b in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        keep = None if share is None else np.flatnonzero((b["i"].to_numpy() % share[1]) == share[0])
+        if keep is not None:
+            b = b.take(pa.array(keep))
+        if "xi" in b.column_names:  # sparse document rows: kept sparse (SparseRows.take)
+            xs.append(sparse_rows(b["xi"], b["xv"], int(shape[0])).csr)
+        else:
+            xs.append(_tensor_numpy(b["x"]))
+        if "y" in b.column_names:
+            ys.append(np.array(b["y"].to_numpy()))
     y = torch.from_numpy(np.concatenate(ys)) if ys else None
+    if xs and not isinstance(xs[0], np.ndarray):
+        import scipy.sparse as sp
+
+        return SparseRows(sp.vstack(xs, format="csr")), y
+    x = torch.from_numpy(np.concatenate(xs).reshape(-1, *shape)) if xs else torch.empty(0, *shape)
     return x, y
+
+
+def _tensor_numpy(col) -> np.ndarray:
+    """An Arrow tensor column (Ray's extension type) as one ndarray."""
+    import pyarrow as pa
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.to_numpy()
 
 
 class _StreamBatches:
     """One epoch of this worker's shard streamed from Ray Data (a shard too large to hold in memory)."""
 
-    def __init__(self, shard, batch_size: int, shape, *, drop_last: bool, shuffle_seed: int | None):
+    def __init__(self, shard, batch_size: int, shape, *, drop_last: bool, shuffle_seed: int | None,
+                 sparse: bool = False):
         self.shard, self.batch_size, self.shape = shard, batch_size, shape
-        self.drop_last, self.shuffle_seed = drop_last, shuffle_seed
+        self.drop_last, self.shuffle_seed, self.sparse = drop_last, shuffle_seed, sparse
 
     def __iter__(self):
-        for b in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, drop_last=self.drop_last, device="cpu",
-                local_shuffle_buffer_size=None if self.shuffle_seed is None else 20 * self.batch_size,
-                local_shuffle_seed=self.shuffle_seed):
+        shuffle = dict(local_shuffle_buffer_size=None if self.shuffle_seed is None else 20 * self.batch_size,
+                       local_shuffle_seed=self.shuffle_seed)
+        if self.sparse:  # list columns cannot become tensors: densify each batch here
+            for b in self.shard.iter_batches(batch_size=self.batch_size, drop_last=self.drop_last,
+                                             batch_format="pyarrow", **shuffle):
+                x = torch.from_numpy(sparse_rows(b["xi"], b["xv"], int(self.shape[0]))[:])
+                yield x, (torch.tensor(b["y"].to_numpy()) if "y" in b.column_names else None)
+            return
+        for b in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, device="cpu",
+                                               **shuffle):
             yield b["x"].reshape(-1, *self.shape), b.get("y")
 
 
@@ -397,7 +448,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n = torch.tensor([len(x)], dtype=torch.int64)
         if world > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        x, y = x[: int(n)], None if y is None else y[: int(n)]
+        x = x.take(slice(0, int(n))) if isinstance(x, SparseRows) else x[: int(n)]
+        y = None if y is None else y[: int(n)]
         batches = TensorBatches(x, y, min(bs, len(x)), seed=cfg.train.seed + 7919 * rank)
         whole = TensorBatches(x, y, max(bs, 512), shuffle=False, drop_last=False)
         steps = len(batches)
@@ -413,7 +465,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_batches = None
         if val_shard is not None:
             val_batches = lambda: _StreamBatches(val_shard, max(bs, 512), shape,  # noqa: E731
-                                                 drop_last=False, shuffle_seed=None)
+                                                 drop_last=False, shuffle_seed=None, sparse=config["sparse"])
 
     started["data_ready_time"] = time.time()
     fail_at, marker = config.get("_fail_at_epoch"), config.get("_fail_marker")
@@ -439,7 +491,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batches.set_epoch(epoch)
                 it = batches
         else:
-            it = _StreamBatches(train_shard, bs, shape, drop_last=not closed_form,
+            it = _StreamBatches(train_shard, bs, shape, drop_last=not closed_form, sparse=config["sparse"],
                                 shuffle_seed=None if closed_form else cfg.train.seed + 7919 * rank + epoch)
         if fail_at is not None and epoch + 1 == fail_at and rank == world - 1 and marker \
                 and not os.path.exists(marker):

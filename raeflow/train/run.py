@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from raeflow.config import RunConfig
-from raeflow.data import TrainingData, load_training_data
+from raeflow.data import SparseRows, TrainingData, load_training_data
 from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
@@ -56,6 +56,11 @@ def _init_params(variant: str) -> set[str]:
     return set(inspect.signature(get_variant(variant).cls.__init__).parameters)
 
 
+def rows_of(x: Any) -> Any:
+    """What :class:`TensorBatches` indexes: a tensor over the array, or sparse rows as they are (dense per batch)."""
+    return x if isinstance(x, SparseRows) else torch.from_numpy(x)
+
+
 def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bool,
               log: Callable[[str], None] = print,
               on_epoch: Callable[[EpochResult], None] | None = None) -> dict[str, torch.Tensor]:
@@ -67,7 +72,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
         trainer.load_state_dict(load_checkpoint(run.checkpoints / "latest"))
         run.truncate_metrics(trainer.progress.epoch)
         log(f"resumed {run.path} at epoch {trainer.progress.epoch}")
-    x = torch.from_numpy(data.train.x)
+    x = rows_of(data.train.x)
     y = None if data.train.y is None else torch.from_numpy(data.train.y)
     bs = min(cfg.train.batch_size, len(x))
     # A closed-form fit (PCA) must see every row; gradient stages drop the ragged last batch as usual.
@@ -75,7 +80,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
     batches = TensorBatches(x, y, bs, seed=cfg.train.seed, drop_last=not closed_form)
     val_batches = None
     if data.val is not None:
-        vx = torch.from_numpy(data.val.x)
+        vx = rows_of(data.val.x)
         vy = None if data.val.y is None else torch.from_numpy(data.val.y)
         val = TensorBatches(vx, vy, max(bs, 512), shuffle=False, drop_last=False)
         val_batches = lambda: val  # noqa: E731
