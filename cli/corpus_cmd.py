@@ -9,7 +9,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def corpus(
         rows: int = typer.Option(..., "--rows", "-n", help="Images to generate."),
         out: str = typer.Option(..., "--out", "-o", help="Output directory (must be new or empty)."),
-        fmt: str = typer.Option("parquet", "--format", help="parquet (id, image, label, source) or folder "
+        fmt: str = typer.Option("parquet", "--format", help="parquet (id, image, label, mnist_index) or folder "
                                 "(<label>/<i>.png)."),
         seed: int = typer.Option(0, "--seed", help="Row i is the same image for the same seed."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),

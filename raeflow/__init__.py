@@ -1,7 +1,7 @@
 """raeflow: train, run and serve the autoencoder family on Ray.
 
 Importing ``raeflow`` (models, losses, data, the plain services) never imports Ray. Ray enters only through
-``raeflow.train.ray_engine`` (Ray Train), ``raeflow.embed.job`` / ``raeflow.embed.sources`` (Ray Data),
+``raeflow.train.ray_engine`` (Ray Train), ``raeflow.embed.job`` / ``raeflow.data.sources`` (Ray Data),
 ``raeflow.serve.app`` / ``raeflow.serve.run`` (Ray Serve) and ``raeflow.raycluster`` (starting or joining Ray);
 ``tests/test_architecture.py`` checks that every other module imports without it.
 """

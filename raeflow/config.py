@@ -18,9 +18,13 @@ from raeflow.errors import ConfigError, MissingFileError
 @dataclass
 class DataConfig:
     dataset: str = "mnist"  # built-in name (`raeflow datasets`), `name:split`, or a path to user data
-    val_size: float | int | None = None  # rows carved from the end of train; None: 5,000 (10% of small sets)
+    # validation rows: built-ins the last ones of train, user corpora by a hash of each id; None: 5,000 (10% of small sets)
+    val_size: float | int | None = None
     vocab_size: int = 2000  # documents: most frequent word stems kept (Hinton & Salakhutdinov used 2,000)
     weighting: str = "log"  # documents: counts | log | tfidf | prob
+    # auto | memory | stream. A user corpus larger than half the data budget is streamed by Ray Data tasks (the
+    # driver never holds it); smaller ones are read once into memory, which is faster. Built-ins: memory.
+    read: str = "auto"
 
 
 @dataclass
@@ -298,6 +302,7 @@ _SCHEMA = [
     ("data", "val_size", _ValSize()),
     ("data", "vocab_size", _Int(1, 1_000_000)),  # the model's input width: bounded like a layer
     ("data", "weighting", _Choice(("counts", "log", "tfidf", "prob"))),
+    ("data", "read", _Choice(("auto", "memory", "stream"))),
     ("train", "epochs", _Int(1, MAX_EPOCHS)),
     ("train", "batch_size", _Int(1, 1_000_000)),
     ("train", "lr", _Float(0.0, 10.0, lo_open=True)),  # 0 or negative would not train / ascend the loss

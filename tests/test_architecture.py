@@ -144,7 +144,7 @@ PLAIN = ["raeflow", "raeflow.models", "raeflow.models.capabilities", "raeflow.lo
          "raeflow.data.catalog", "raeflow.data.user", "raeflow.data.text", "raeflow.io", "raeflow.artifact",
          "raeflow.train.loop", "raeflow.train.report", "raeflow.train.rundir", "raeflow.train.run",
          "raeflow.evaluate", "raeflow.plots", "raeflow.finetune", "raeflow.capability_table",
-         "raeflow.embed.encoder", "raeflow.embed.readers", "raeflow.embed.output", "raeflow.embed.search",
+         "raeflow.embed.encoder", "raeflow.data.readers", "raeflow.embed.output", "raeflow.embed.search",
          "raeflow.embed.retrieval", "raeflow.serve.errors", "raeflow.serve.schemas", "raeflow.serve.codec",
          "raeflow.serve.endpoints", "raeflow.serve.service", "raeflow.serve.api", "raeflow.serve.search",
          "raeflow.serve.options"]

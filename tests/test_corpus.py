@@ -45,7 +45,7 @@ def test_labels_are_the_source_digits_and_images_stay_close_to_them(corpus):
 
 
 def test_parquet_corpus_is_chunked_and_readable_by_embed(tmp_path, corpus):
-    from raeflow.embed.sources import Prep, open_source
+    from raeflow.data.sources import Prep, open_source
 
     out = write_corpus(tmp_path / "c", 300, seed=7, chunk_rows=128, log=lambda _: None)
     files = sorted(out.glob("part-*.parquet"))

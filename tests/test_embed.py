@@ -25,7 +25,7 @@ from raeflow.embed.encoder import Encoder
 from raeflow.embed.encoder import embedding_schema
 from raeflow.embed.job import run_embed
 from raeflow.embed.output import ERRORS_DIR, META_KEYS, PartWriter, errors_schema
-from raeflow.embed.readers import Prep, array_images, decode_image_files, read_jsonl, read_text_files
+from raeflow.data.readers import Prep, array_images, decode_image_files, read_jsonl, read_text_files
 from raeflow.io import model_sha256
 
 REPO = Path(__file__).resolve().parents[1]

@@ -285,7 +285,7 @@ def test_corrupt_weights_fail_serve_before_ray(digits_run, tmp_path):
 
 # ----------------------------------------------------------------------------------------- embed: no loss
 def test_duplicate_ids_become_error_rows_and_resume_keeps_every_row(tmp_path):
-    from raeflow.embed.readers import read_jsonl
+    from raeflow.data.readers import read_jsonl
 
     f = tmp_path / "dup.jsonl"
     f.write_text("".join(json.dumps({"id": "a", "text": f"document {i}"}) + "\n" for i in range(5)))
@@ -307,7 +307,7 @@ def test_duplicate_ids_across_files_are_error_rows_and_resume_loses_none(tmp_pat
     crash after the first file was committed, then --resume: the second file's 'y' is re-read (resume skips by
     source, not id) and reported -- rows in = embedded + errors over both runs, nothing dropped."""
     from raeflow.embed.output import PartWriter, committed, error_files
-    from raeflow.embed.readers import Prep, read_parquet_units
+    from raeflow.data.readers import Prep, read_parquet_units
 
     for name, ids in (("a", ["x", "y"]), ("b", ["y", "z"])):
         pq.write_table(pa.table({"id": ids, "text": [f"doc {i}" for i in ids]}), tmp_path / f"{name}.parquet")
@@ -345,7 +345,7 @@ def test_duplicate_ids_across_files_are_error_rows_and_resume_loses_none(tmp_pat
 
 
 def test_undecodable_name_fifo_and_huge_image_are_error_rows(tmp_path, huge_png):
-    from raeflow.embed.readers import Prep, _list_files, decode_image_files
+    from raeflow.data.readers import Prep, _list_files, decode_image_files
 
     root = tmp_path / "imgs"
     root.mkdir()

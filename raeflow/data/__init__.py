@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from raeflow.data.catalog import known_datasets, parse_spec  # noqa: F401
-from raeflow.data.core import ArrayDataset, RawSplit, SparseRows, register_dataset, validation_size  # noqa: F401
+from raeflow.data.core import (ArrayDataset, RawSplit, SparseRows, in_validation, register_dataset,  # noqa: F401
+                               validation_fraction, validation_size)
 from raeflow.errors import InputError
 
 
@@ -53,20 +54,27 @@ def load_training_data(spec: str, val_size: int | float | None = None, *, vocab_
     if split == "test":
         raise InputError(f"{spec}: the test split is for `raeflow eval`, not for training")
     n = len(raw.x)
-    k = validation_size(n, val_size)
-    cut = n - k
+    if name in known_datasets():  # the documented split: the last rows (RESULTS.md's figures depend on it)
+        k = validation_size(n, val_size)
+        train_rows, val_rows = np.arange(n - k), np.arange(n - k, n)
+    else:  # user corpora: by a hash of each row's id, the rule a streamed run applies task by task
+        held = in_validation(raw.ids if raw.ids is not None else [str(i) for i in range(n)],
+                             validation_fraction(n, val_size))
+        train_rows, val_rows = np.flatnonzero(~held), np.flatnonzero(held)
+        if not len(train_rows):
+            raise InputError(f"{spec}: all {n} rows fell in the validation split; give more rows or data.val_size=0")
     y = raw.y
     if kind == "text":
         from raeflow.data.text import Vectoriser
 
-        vec = Vectoriser(vocab_size=vocab_size, weighting=weighting).fit(raw.x[:cut])
+        vec = Vectoriser(vocab_size=vocab_size, weighting=weighting).fit(raw.x[i] for i in train_rows)
         x = SparseRows(vec.transform_sparse(raw.x))  # dense only per batch: a large corpus fits as CSR
         prep = {"vectoriser": vec.describe()}
     else:
         vec, x, prep = None, np.ascontiguousarray(raw.x, dtype=np.float32), {"pixels": "bytes/255"}
     full = ArrayDataset(name, split, x, y, raw.classes, kind, raw.ids, prep)
-    train = full.subset(slice(0, cut), "train")
-    val = full.subset(slice(cut, n), "val") if k else None
+    train = full.subset(train_rows, "train")
+    val = full.subset(val_rows, "val") if len(val_rows) else None
     return TrainingData(train, val, vec)
 
 

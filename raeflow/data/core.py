@@ -7,10 +7,11 @@ carved from the end of the training split; the official test split is only for `
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from raeflow.errors import InputError
@@ -139,6 +140,26 @@ def validation_size(n_train: int, requested: int | float | None) -> int:
     if not 0 <= k < n_train:
         raise InputError(f"validation size {requested} leaves no training data out of {n_train}")
     return k
+
+
+def validation_fraction(n_train: int, requested: int | float | None) -> float:
+    """The share of a user corpus held out for validation: :func:`validation_size`'s rows over ``n_train``."""
+    return validation_size(n_train, requested) / n_train if n_train else 0.0
+
+
+def in_validation(ids: Sequence[str], fraction: float) -> np.ndarray:
+    """Which rows of a user corpus are validation rows: those whose id hashes below ``fraction``.
+
+    A rule on each row alone -- no pass over the corpus, no order -- so a streamed run (each Ray task deciding
+    for its own rows) and an in-memory run hold out exactly the same rows, and a corpus read in another order
+    or grown by new files keeps its old rows where they were. (Built-in datasets keep their documented split:
+    the last 5,000 training rows, which published figures depend on.)"""
+    if fraction <= 0:
+        return np.zeros(len(ids), bool)
+    cut = int(fraction * 2**64)
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode("utf-8", "surrogatepass"),
+                                                       digest_size=8).digest(), "big") < cut for i in ids),
+                       bool, count=len(ids))
 
 
 # ------------------------------------------------------------------------------------------- memory budget

@@ -10,8 +10,8 @@ rows with the same source digit differ in their pixels.
 Written in chunks (``chunk_rows`` at a time: 100k rows are 78 MB of pixels), never the whole corpus in memory:
 
 * ``parquet``: ``part-NNNNN.parquet`` with ``id`` (``corpus:<i>``), ``image`` (``fixed_size_list<uint8>[784]``,
-  the bytes ``raeflow embed`` keeps as uint8 through Ray), ``label`` (the digit as a string) and ``source`` (the
-  MNIST training index) — the schema ``raeflow embed --input DIR`` reads;
+  the bytes ``raeflow embed`` keeps as uint8 through Ray), ``label`` (the digit as a string) and ``mnist_index``
+  (the source image's MNIST training index) — the schema ``raeflow embed --input DIR`` reads;
 * ``folder``: ``<label>/<i>.png`` — an image folder whose sub-folders are the classes.
 
 No Ray, no torch: numpy and pyarrow (Pillow for the folder format).
@@ -175,7 +175,7 @@ def _write_parquet_chunk(out: Path, part: int, start: int, images, labels, src, 
         "id": pa.array([row_id(i) for i in range(start, start + n)], pa.string()),
         "image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), SIDE * SIDE),
         "label": pa.array([str(int(v)) for v in labels], pa.string()),
-        "source": pa.array(src, pa.int64()),
+        "mnist_index": pa.array(src, pa.int64()),
     }, metadata={"raeflow.corpus": "mnist-affine", "raeflow.corpus_seed": str(seed)})
     path = out / f"part-{part:05d}.parquet"
     tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: a reader never sees half a file

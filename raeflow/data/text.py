@@ -180,6 +180,11 @@ class Vectoriser:
 
         One streamed pass that keeps only the stem counts: ``docs`` may be any iterable (a generator over a file),
         never held whole here."""
+        return self.fit_counts(*self.count(docs))
+
+    def count(self, docs: Iterable[str]) -> tuple[Counter[str], Counter[str], int]:
+        """``(stem counts, document frequencies, documents)`` of ``docs``: what :meth:`fit_counts` needs. Counts
+        of disjoint parts add up (Counter ``+``), so a corpus can be counted block by block in parallel tasks."""
         if isinstance(docs, str):
             raise TypeError("expected documents, got a single string")
         counts: Counter[str] = Counter()
@@ -192,6 +197,10 @@ class Vectoriser:
             counts.update(stems)
             df.update(set(stems))
             n += 1
+        return counts, df, n
+
+    def fit_counts(self, counts: Counter[str], df: Counter[str], n: int) -> Vectoriser:
+        """Fit from the sums of :meth:`count` over the training documents."""
         if n == 0:
             raise InputError("cannot fit a Vectoriser on an empty corpus (0 documents)")
         if not counts:

@@ -2,10 +2,10 @@
 
 - :mod:`~raeflow.embed.encoder` — ``Encoder``: a trained model as a plain callable, batch -> embeddings, and the
   one definition of the embeddings' columns (by capability) (no Ray);
-- :mod:`~raeflow.embed.readers` — reading and decoding inputs one block at a time (no Ray);
+- :mod:`~raeflow.data.readers` — reading and decoding inputs one block at a time (no Ray);
 - :mod:`~raeflow.embed.output` — ``PartWriter``: atomic Parquet parts, resume, the errors table, the manifest
   (no Ray);
-- :mod:`~raeflow.embed.sources` — the ``--input`` kinds as Ray Data streams over the readers (Ray);
+- :mod:`~raeflow.data.sources` — the ``--input`` kinds as Ray Data streams over the readers (Ray);
 - :mod:`~raeflow.embed.job` — ``run_embed``: the Ray Data pipeline (Ray);
 - :mod:`~raeflow.embed.search` — ``Index``: exact cosine search over an embeddings directory (no Ray);
 - :mod:`~raeflow.embed.retrieval` — retrieval quality: precision-recall for documents vs LSA, precision@k for

@@ -30,13 +30,9 @@ import torch
 from raeflow.artifact import TrainedModel
 from raeflow.models import capabilities as cap
 from raeflow.errors import InputError
+from raeflow.data.rows import (CODES, EMBEDDING, ERROR, ID, LABEL, LOGVAR, SOURCE, TEXT, X,  # noqa: F401 - re-exported
+                               to_vectors, vector_type)
 
-#: Batch columns this module reads and writes.
-ID, LABEL, ERROR, X, TEXT, EMBEDDING, LOGVAR, CODES = "id", "label", "error", "x", "text", "embedding", "logvar", "codes"
-#: The row's position in its input: the id it would have had without an id column (``file#row`` for Parquet, the
-#: document index for JSONL, the relative path in a folder, ``dataset:split:index``). Unlike a user's id it is
-#: unique by construction, so ``--resume`` skips rows by it: a repeated user id can never hide an unread row.
-SOURCE = "source"
 
 #: capability -> the column it adds to the embeddings, in schema order
 CODE_COLUMNS: tuple[tuple[str, str], ...] = ((cap.ENCODE, EMBEDDING), (cap.POSTERIOR, LOGVAR),
@@ -56,19 +52,6 @@ def embedding_schema(latent_dim: int, capabilities: frozenset[str], code_len: in
     if error:
         fields.append(pa.field(ERROR, pa.string()))
     return pa.schema(fields, metadata=metadata)
-
-
-def vector_type(dim: int) -> pa.DataType:
-    """``fixed_size_list<float32>[dim]``: Arrow's own type, readable by any Parquet reader (no Ray extension)."""
-    return pa.list_(pa.float32(), dim)
-
-
-def to_vectors(a: np.ndarray, mask: np.ndarray | None = None) -> pa.FixedSizeListArray:
-    """``(N, k)`` float32 -> a ``fixed_size_list`` array; ``mask`` True marks null rows (their values unused)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    n, k = a.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), k,
-                                             mask=None if mask is None else pa.array(mask, pa.bool_()))
 
 
 def _column(batch: Any, name: str) -> Any:

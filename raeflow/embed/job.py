@@ -1,6 +1,6 @@
 """``raeflow embed``: the Ray Data pipeline.
 
-A source (:mod:`raeflow.embed.sources`) reads and decodes inputs in Ray tasks; ``map_batches`` runs
+A source (:mod:`raeflow.data.sources`) reads and decodes inputs in Ray tasks; ``map_batches`` runs
 :class:`~raeflow.embed.encoder.Encoder` in a pool of actors (each loads the model once; CPU or one GPU each);
 the driver iterates the stream and commits Parquet files through :class:`~raeflow.embed.output.PartWriter`
 (plain, no Ray: the file layout, atomic commits and resume rules are documented there).
@@ -46,7 +46,7 @@ def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str
               resume: bool = False, file_rows: int | None = None, address: str | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> EmbedSummary:
     """Embed every row of ``input`` with ``model`` into the Parquet dataset ``output`` (see module docstring)."""
-    from raeflow.embed.sources import Prep, open_source
+    from raeflow.data.sources import Prep, open_source
 
     from raeflow.embed.encoder import Encoder
 
@@ -94,11 +94,11 @@ def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str
 
 class EncoderActor:
     """The encoder as a Ray actor: :class:`~raeflow.embed.encoder.Encoder` in a process whose allocator is
-    first kept from hoarding freed buffers (see :func:`~raeflow.embed.readers.bounded_malloc`)."""
+    first kept from hoarding freed buffers (see :func:`~raeflow.data.readers.bounded_malloc`)."""
 
     def __init__(self, **kwargs: Any):
         from raeflow.embed.encoder import Encoder
-        from raeflow.embed.readers import bounded_malloc
+        from raeflow.data.readers import bounded_malloc
 
         bounded_malloc()
         self.encoder = Encoder(**kwargs)

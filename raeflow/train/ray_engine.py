@@ -51,6 +51,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, SparseRows, TrainingData
+from raeflow.data.stream import StreamedData
 from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -141,6 +142,8 @@ def sparse_rows(xi, xv, width: int) -> SparseRows:
 
 
 def _data_mode(data: TrainingData, workers: int) -> str:
+    if isinstance(data, StreamedData):
+        return "stream"
     mode = os.environ.get(DATA_MODE_ENV, "auto")
     if mode not in ("auto", "materialize", "stream"):
         raise InputError(f"{DATA_MODE_ENV}={mode!r}: use auto, materialize or stream")
@@ -223,8 +226,9 @@ class _Relay:
 def fit_ray(cfg: RaeRunConfig, model: nn.Module, data: TrainingData, run: RunDir, resume: bool,
             log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """Train on Ray Train; returns the selected (best, final-stage) model state."""
-    data_bytes = data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
-    plan = preflight(cfg, log, data_bytes=data_bytes)
+    from raeflow.train.run import in_memory_bytes
+
+    plan = preflight(cfg, log, data_bytes=in_memory_bytes(data))
     try:
         return _fit(cfg, model, data, run, resume, plan, log)
     finally:
@@ -248,10 +252,13 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         log("warning: a multi-node cluster with a local storage path: pass --storage-path on shared storage "
             "(s3://, gs://, NFS) or checkpoints from other nodes cannot be restored")
 
-    blocks = max(2 * workers, math.ceil(data.train.x.nbytes / (64 * 2**20)))
-    datasets = {"train": to_ray_dataset(data.train, blocks)}
-    if data.val is not None:
-        datasets["val"] = to_ray_dataset(data.val, 2 * workers)
+    if isinstance(data, StreamedData):  # read by Ray Data tasks from the files, block by block, every epoch
+        datasets = data.datasets()
+    else:
+        blocks = max(2 * workers, math.ceil(data.train.x.nbytes / (64 * 2**20)))
+        datasets = {"train": to_ray_dataset(data.train, blocks)}
+        if data.val is not None:
+            datasets["val"] = to_ray_dataset(data.val, 2 * workers)
     # Pinned to the driver's node (as Train pins its controller): placed on another node, losing that node would
     # take every later metrics row with it.
     relay_q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
@@ -261,7 +268,7 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         "run": cfg.to_dict(), "variant": cfg.variant, "model_config": dict(model.config),
         "init_state": ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()}),
         "global_batch": per_worker_bs * workers, "has_val": data.val is not None, "data_mode": mode,
-        "n_train": len(data.train), "sparse": isinstance(data.train.x, SparseRows), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
+        "n_train": len(data.train), "sparse": isinstance(getattr(data.train, "x", None), SparseRows), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
         "_fail_at_epoch": int(fail_at) if fail_at else None, "_fail_marker": os.environ.get(FAIL_MARKER_ENV),
     }
     # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from raeflow.config import RunConfig
 from raeflow.data import SparseRows, TrainingData, load_training_data
+from raeflow.data.stream import StreamedData, choose_read
 from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
@@ -54,6 +55,33 @@ def _init_params(variant: str) -> set[str]:
     from raeflow.registry import get_variant
 
     return set(inspect.signature(get_variant(variant).cls.__init__).parameters)
+
+
+def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) -> "TrainingData | StreamedData":
+    """The run's data, read into memory or streamed (``data.read``: auto decides by size, and says why)."""
+    how, why = choose_read(cfg.data.read, cfg.data.dataset, vocab_size=cfg.data.vocab_size)
+    if how == "stream":
+        if local:
+            raise InputError(f"data: {cfg.data.dataset} is to be streamed ({why}) and streaming runs on Ray: drop "
+                             "--local, or force data.read=memory")
+        from raeflow.data.stream import open_streamed
+        from raeflow.train.ray_engine import preflight
+
+        preflight(cfg, log)  # the documents' vocabulary is counted in Ray tasks
+        log(f"data: streamed by Ray Data ({why})")
+        return open_streamed(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                             weighting=cfg.data.weighting, log=log)
+    if why != "built-in dataset":
+        log(f"data: read into memory ({why})")
+    return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                              weighting=cfg.data.weighting)
+
+
+def in_memory_bytes(data: "TrainingData | StreamedData") -> int:
+    """Bytes of training data the driver puts into Ray (none when streamed: tasks read the files)."""
+    if isinstance(data, StreamedData):
+        return 0
+    return data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
 
 
 def rows_of(x: Any) -> Any:
@@ -139,8 +167,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     cfg.output = cfg.output or default_output(cfg.variant)
     cfg.validate()  # library callers too: nothing is loaded or started on a value out of range
     if data is None:
-        data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                                  weighting=cfg.data.weighting)
+        data = read_training_data(cfg, local, log)
     if model is None:
         seed_everything(cfg.train.seed)  # the initial weights too follow train.seed (not only the batches)
         model = build_checked(cfg.variant, model_config(cfg, data))  # a bad or oversized config fails before any directory
@@ -152,7 +179,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     if not local:  # join/start Ray and check resources (--gpu without a GPU) before the run directory exists
         from raeflow.train.ray_engine import preflight
 
-        preflight(cfg, log, data_bytes=data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes))
+        preflight(cfg, log, data_bytes=in_memory_bytes(data))
     run = RunDir.create(cfg, resume=resume)
     from raeflow.tracking import start_tracking  # MLflow / TensorBoard when cfg.tracking.backends names them
 
@@ -172,7 +199,11 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     rows = run.read_metrics()
     from raeflow.plots import plot_run
 
-    plot_run(run, model, data, log=log)
+    if isinstance(data, StreamedData):  # plots draw a few thousand rows: read those, not the corpus
+        sample = data.sample()
+        plot_run(run, model, TrainingData(sample, sample, data.vectoriser), log=log)
+    else:
+        plot_run(run, model, data, log=log)
     from raeflow.modelcard import write_model_card
 
     write_model_card(run.path)

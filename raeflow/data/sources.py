@@ -1,6 +1,6 @@
 """The inputs of ``raeflow embed`` as Ray Data streams of decoded rows.
 
-Every source yields blocks with the columns :mod:`raeflow.embed.encoder` reads: ``id``, ``label`` (null when the
+Every source yields blocks with the columns of :mod:`raeflow.data.rows`: ``id``, ``label`` (null when the
 source has none), ``error`` (null for a good row) and the input — ``x`` for images (a ``fixed_size_list`` of the
 model's ``C*H*W`` values, float32 in [0, 1] or uint8 bytes) or ``text`` for documents. A row that cannot be read
 or decoded keeps its id and gets an ``error`` instead of failing its block: the job writes it to the errors
@@ -18,7 +18,7 @@ Sources (``open_source`` picks one from the ``--input`` string):
 
 Only file names are listed on the driver (resume needs them); contents are read by Ray tasks in blocks, so
 memory does not grow with the corpus. Folder and Parquet inputs are read by path: on a multi-node cluster they
-must sit on storage every node mounts. The per-block readers are plain Python in :mod:`raeflow.embed.readers`
+must sit on storage every node mounts. The per-block readers are plain Python in :mod:`raeflow.data.readers`
 (tested without Ray); ``Source.dataset`` here wires them into Ray Data.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raeflow.data.user import IMAGE_EXTS
-from raeflow.embed.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, Prep, _kind_of, _list_files,  # noqa: F401
+from raeflow.data.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, Prep, _kind_of, _list_files,  # noqa: F401
                                    check_texts, decode_image_files, is_list, read_input_file, read_jsonl,
                                    read_parquet_units,
                                    read_text_files, rows_table)

@@ -1,11 +1,11 @@
 """Reading and decoding the inputs of ``raeflow embed``, one block at a time: plain Python, no Ray.
 
 Every function here takes a batch of work (paths, Parquet row groups, a JSONL file) and yields
-``pyarrow`` tables with the columns :mod:`raeflow.embed.encoder` reads: ``id``, ``label`` (null when the source
+``pyarrow`` tables with the columns of :mod:`raeflow.data.rows`: ``id``, ``label`` (null when the source
 has none), ``error`` (null for a good row) and the input — ``x`` for images (a ``fixed_size_list`` of the
 model's ``C*H*W`` values, float32 in [0, 1] or uint8 bytes) or ``text`` for documents. A row that cannot be read
 or decoded keeps its id and gets an ``error`` instead of failing its block, so every input row is accounted for.
-:mod:`raeflow.embed.sources` wires these functions into Ray Data; the tests call them directly.
+:mod:`raeflow.data.sources` wires these functions into Ray Data; the tests call them directly.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from raeflow.data.text import check_document, read_text_file
 from raeflow.data.user import IMAGE_EXTS, decode_image
-from raeflow.embed.encoder import ERROR, ID, LABEL, SOURCE, TEXT, X
+from raeflow.data.rows import ERROR, ID, LABEL, SOURCE, TEXT, X
 from raeflow.errors import InputError
 
 
@@ -93,7 +93,7 @@ def rows_table(ids: Sequence[str], labels: Sequence[str | None] | pa.Array, erro
                *, x: np.ndarray | None = None, text: Sequence[str | None] | None = None,
                sources: Sequence[str] | pa.Array | None = None) -> pa.Table:
     """One block: ``x`` is ``(N, D)`` (rows with an error hold anything), or ``text`` (None for error rows).
-    ``sources``: each row's position in the input (see :data:`~raeflow.embed.encoder.SOURCE`); default the ids,
+    ``sources``: each row's position in the input (see :data:`~raeflow.data.rows.SOURCE`); default the ids,
     for inputs whose ids are positions (folders, built-in datasets)."""
     err = pa.array(list(errors), pa.string())
     id_arr = pa.array(list(ids), pa.string())
@@ -103,7 +103,7 @@ def rows_table(ids: Sequence[str], labels: Sequence[str | None] | pa.Array, erro
                             LABEL: labels if isinstance(labels, pa.Array) else pa.array(list(labels), pa.string()),
                             SOURCE: src, ERROR: err}
     if x is not None:
-        from raeflow.embed.encoder import to_vectors
+        from raeflow.data.rows import to_vectors
 
         bad = np.asarray(err.is_valid().to_numpy(zero_copy_only=False), bool)
         if x.dtype == np.uint8:

@@ -1,0 +1,318 @@
+"""A training corpus read by Ray Data tasks, never by the driver: the streamed read of the one input layer.
+
+``raeflow train`` reads a small corpus into memory (:func:`raeflow.data.load_training_data`, the fast path) and
+streams a large one: the same sources ``raeflow embed`` reads (:mod:`raeflow.data.sources`: folders, Parquet,
+JSONL, with the same per-row rules and error messages), decoded in Ray Data tasks, split into train and
+validation by the same hash of each row's id the in-memory path uses (:func:`raeflow.data.core.in_validation`),
+and fed to each Ray Train worker as its shard (``get_dataset_shard`` + ``iter_torch_batches``). The driver lists
+files and counts rows; it never holds pixels or documents.
+
+:class:`TrainRows` (the per-block step: error rows, split, pixels as float32, documents vectorised) is a plain
+callable that the tests call without Ray.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raeflow.data.core import ArrayDataset, data_budget, in_validation, validation_fraction
+from raeflow.data.readers import Prep, _kind_of, _list_files, is_list
+from raeflow.data.rows import ERROR, ID, TEXT, X
+from raeflow.errors import InputError
+
+#: ``data.read``: how ``raeflow train`` reads its corpus.
+READ_MODES = ("auto", "memory", "stream")
+#: ``auto`` streams a user corpus whose decoded float32 rows would take more than this share of the data budget
+#: (a quarter of RAM by default): below it, reading once into memory is faster and simpler.
+STREAM_ABOVE = 0.5
+
+
+def probe(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """``(kind, input shape)`` of a user corpus from its listing and first row only (documents: shape None,
+    decided by the vocabulary). Images are sized as the in-memory read sizes them: the first image's size,
+    bounded (:func:`raeflow.data.user.default_size`); flat pixel arrays must be square (1 or 3 channels)."""
+    from raeflow.data.user import decode_image, default_size
+
+    root = Path(spec)
+    if root.is_dir():
+        rels = [r for r in _list_files(root) if _kind_of(r)]
+        kinds = {_kind_of(r) for r in rels}
+        if not rels:
+            raise InputError(f"{root}: no usable files (images, .txt, .parquet or .jsonl)")
+        if len(kinds) > 1:
+            raise InputError(f"{root}: mixes {' and '.join(sorted(kinds))} files; a dataset holds one kind")
+        kind = kinds.pop()
+        if kind == "text":
+            return "text", None
+        if kind == "image":
+            first = decode_image((root / rels[0]).read_bytes(), None, "L", rels[0])
+            return "image", (1, *default_size(first.shape[1:]))
+        if kind == "jsonl":
+            raise InputError(f"{root}: a folder of .jsonl files; give one .jsonl file")
+        return _probe_parquet(root / rels[0])
+    if root.suffix.lower() == ".jsonl":
+        return "text", None
+    if root.suffix.lower() == ".parquet":
+        return _probe_parquet(root)
+    raise InputError(f"{root}: unsupported input {root.suffix or '(no extension)'} for a streamed read")
+
+
+def _probe_parquet(path: Path) -> tuple[str, tuple[int, ...] | None]:
+    from raeflow.data.user import decode_image, default_size
+
+    schema = pq.read_schema(path)
+    if "text" in schema.names:
+        return "text", None
+    if "image" not in schema.names:
+        raise InputError(f"{path}: needs a \"text\" or \"image\" column; it has {schema.names}")
+    t = schema.field("image").type
+    t = t.storage_type if isinstance(t, pa.ExtensionType) else t
+    first = pq.ParquetFile(path).read_row_group(0, columns=["image"]).column(0)[0].as_py()
+    if pa.types.is_fixed_size_list(t) and not is_list(t.value_type):
+        d = t.list_size
+    elif isinstance(first, (bytes, bytearray)):
+        img = decode_image(bytes(first), None, "L", f"{path} row 0")
+        return "image", (1, *default_size(img.shape[1:]))
+    else:
+        d = int(np.asarray(first).size)
+    for c in (1, 3):
+        s = math.isqrt(d // c)
+        if c * s * s == d:
+            return "image", (c, s, s)
+    raise InputError(f"{path}: {d} values per image are not a square 1- or 3-channel image")
+
+
+class TrainRows:
+    """One block of a source's rows -> the training rows of one split: ``{"x": (N, *shape) float32}``.
+
+    A row with an error stops training with that row's message (the in-memory read refuses a bad file the same
+    way: one rule for both paths). Rows are kept when :func:`in_validation` of their id says ``val``; uint8
+    pixels become float32 bytes/255, documents are vectorised (dense for this block only).
+    """
+
+    def __init__(self, *, val: bool, fraction: float, shape: tuple[int, ...], vectoriser: dict | None = None):
+        self.val, self.fraction, self.shape = val, fraction, tuple(shape)
+        self.vectoriser = None
+        if vectoriser is not None:
+            from raeflow.data.text import Vectoriser
+
+            self.vectoriser = Vectoriser.from_json(vectoriser)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        errors = batch.column(ERROR).drop_null()
+        if len(errors):
+            raise InputError(f"{errors[0].as_py()} ({len(errors)} bad row(s) in this block; fix or remove them)")
+        keep = in_validation(batch.column(ID).to_pylist(), self.fraction) == self.val
+        rows = batch.filter(pa.array(keep))
+        if self.vectoriser is not None:
+            x = self.vectoriser.transform(rows.column(TEXT).to_pylist()) if rows.num_rows else \
+                np.zeros((0, *self.shape), np.float32)
+        else:
+            col = rows.column(X).combine_chunks()
+            flat = col.flatten().to_numpy(zero_copy_only=False).reshape(rows.num_rows, -1)
+            x = flat.astype(np.float32) / np.float32(255.0) if flat.dtype == np.uint8 else flat.astype(np.float32)
+        return {"x": x.reshape(len(x), *self.shape)}
+
+
+def _count_stems(batch: pa.Table, *, fraction: float, vocab_size: int, weighting: str) -> pa.Table:
+    """One block's stem counts over its training documents (a Ray Data task of the streamed vocabulary pass)."""
+    from raeflow.data.text import Vectoriser
+
+    errors = batch.column(ERROR).drop_null()
+    if len(errors):
+        raise InputError(f"{errors[0].as_py()} ({len(errors)} bad row(s) in this block; fix or remove them)")
+    held = in_validation(batch.column(ID).to_pylist(), fraction)
+    docs = [d for d, v in zip(batch.column(TEXT).to_pylist(), held) if not v]
+    counts, df, n = Vectoriser(vocab_size, weighting).count(docs)
+    stems = sorted(counts)
+    return pa.table({"stem": pa.array(stems, pa.string()), "count": pa.array([counts[s] for s in stems], pa.int64()),
+                     "df": pa.array([df[s] for s in stems], pa.int64())})
+
+
+@dataclass
+class StreamedSplit:
+    """What the trainer asks of a split (its size, shape, name, meta) without its rows."""
+
+    name: str
+    split: str
+    kind: str
+    shape: tuple[int, ...]
+    n: int
+    classes: list[str] | None = None
+    y: None = None  # labels are not carried through a streamed run (its plots are unlabelled)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "input_shape": list(self.shape), "classes": self.classes,
+                "preprocessing": self.preprocessing}
+
+
+@dataclass
+class StreamedData:
+    """A corpus to stream: the source, the split rule, the counts, and (documents) the fitted vectoriser."""
+
+    source: Any
+    train: StreamedSplit
+    val: StreamedSplit | None
+    fraction: float
+    vectoriser: Any = None
+    streamed: bool = True
+
+    def datasets(self, parallelism: int | None = None) -> dict[str, Any]:
+        """The Ray Datasets the workers shard: ``train`` (and ``val``) as ``{"x"}`` rows."""
+        vec = None if self.vectoriser is None else self.vectoriser.to_json()
+        out = {}
+        for name, split in (("train", self.train), ("val", self.val)):
+            if split is None or split.n == 0:
+                continue
+            out[name] = self.source.dataset(pa.array([], pa.string())).map_batches(
+                TrainRows, fn_constructor_kwargs={"val": name == "val", "fraction": self.fraction,
+                                                  "shape": split.shape, "vectoriser": vec},
+                batch_format="pyarrow", batch_size=None)
+        return out
+
+    def sample(self, n: int = 2000) -> ArrayDataset:
+        """Up to ``n`` validation rows (else training rows) in memory: for the run's plots."""
+        ds = self.datasets()
+        name = "val" if "val" in ds else "train"
+        rows = ds[name].take_batch(n, batch_format="numpy")
+        split = self.val if name == "val" else self.train
+        return ArrayDataset(split.name, name, np.array(rows["x"], np.float32), None, None, split.kind, None,
+                            dict(split.preprocessing))
+
+
+def estimated_bytes(kind: str, shape: tuple[int, ...] | None, rows: int, vocab_size: int) -> int:
+    """The float32 bytes a corpus would take read into memory (documents: their dense rows)."""
+    per_row = int(np.prod(shape)) if shape else vocab_size
+    return 4 * rows * per_row
+
+
+def choose_read(mode: str, spec: str, *, vocab_size: int = 2000) -> tuple[str, str]:
+    """``(memory | stream, why)`` for ``data.read`` = ``mode``. Built-in datasets are always read into memory."""
+    from raeflow.data.catalog import known_datasets, parse_spec
+
+    if mode not in READ_MODES:
+        raise InputError(f"data.read={mode!r}: choose one of {', '.join(READ_MODES)}")
+    if parse_spec(spec)[0] in known_datasets() and not Path(spec).exists():
+        if mode == "stream":
+            raise InputError(f"data.read=stream: {spec} is a built-in dataset (read into memory); stream a "
+                             "corpus on disk (raeflow corpus writes one)")
+        return "memory", "built-in dataset"
+    if mode != "auto":
+        return mode, f"data.read={mode}"
+    kind, shape = probe(spec)
+    rows = _row_count(spec)
+    need, budget = estimated_bytes(kind, shape, rows, vocab_size), data_budget()
+    if need > STREAM_ABOVE * budget:
+        return "stream", (f"{rows:,} rows would take {need / 2**30:.1f} GiB in memory, over {STREAM_ABOVE:.0%} of the "
+                          f"{budget / 2**30:.1f} GiB data budget")
+    return "memory", f"{rows:,} rows, {need / 2**20:,.0f} MiB in memory"
+
+
+def _row_count(spec: str) -> int:
+    """Rows of a user corpus from metadata and listings (JSONL: its lines)."""
+    root = Path(spec)
+    if root.is_dir():
+        rels = [r for r in _list_files(root) if _kind_of(r)]
+        if rels and _kind_of(rels[0]) == "parquet":
+            return sum(pq.ParquetFile(root / r).metadata.num_rows for r in rels)
+        return len(rels)
+    if root.suffix.lower() == ".parquet":
+        return pq.ParquetFile(root).metadata.num_rows
+    with open(root, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def open_streamed(spec: str, val_size: int | float | None = None, *, vocab_size: int = 2000,
+                  weighting: str = "log", log=print) -> StreamedData:
+    """Resolve a user corpus for a streamed run: probe it, count the split, fit the vocabulary (documents) by a
+    streamed count in Ray tasks. Needs Ray (the counting pass of documents runs on it)."""
+    from raeflow.data.sources import open_source
+
+    kind, shape = probe(spec)
+    name = str(spec)
+    rows = _row_count(spec)
+    fraction = validation_fraction(rows, val_size)
+    vec = None
+    if kind == "text":
+        from raeflow.data.text import Vectoriser
+
+        source = open_source(spec, Prep("text", (vocab_size,)))
+        counts, df = Counter(), Counter()
+        stems = source.dataset(pa.array([], pa.string())).map_batches(
+            _count_stems, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"fraction": fraction, "vocab_size": vocab_size, "weighting": weighting})
+        for b in stems.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not b.num_rows:
+                continue
+            counts.update(dict(zip(b["stem"].to_pylist(), b["count"].to_pylist())))
+            df.update(dict(zip(b["stem"].to_pylist(), b["df"].to_pylist())))
+        vec = Vectoriser(vocab_size, weighting)
+        n_train = _train_docs(spec, source, fraction)
+        vec.fit_counts(counts, df, n_train)
+        shape = (len(vec.vocabulary),)
+        source.prep = Prep("text", shape)
+        n_val = rows - n_train
+        prep = {"vectoriser": vec.describe(), "read": "streamed"}
+    else:
+        source = open_source(spec, Prep("image", shape))
+        ids = _ids(source)
+        held = int(sum(in_validation(chunk, fraction).sum() for chunk in ids))
+        n_train, n_val = rows - held, held
+        prep = {"pixels": "bytes/255", "read": "streamed"}
+    if n_train == 0:
+        raise InputError(f"{spec}: all {rows} rows fell in the validation split")
+    log(f"data: {spec} streamed: {rows:,} rows, train {n_train:,} / val {n_val:,} (hash of each row's id)")
+    train = StreamedSplit(name, "train", kind, tuple(shape), n_train, preprocessing=prep)
+    val = StreamedSplit(name, "val", kind, tuple(shape), n_val, preprocessing=prep) if n_val else None
+    return StreamedData(source, train, val, fraction, vec)
+
+
+def _ids(source) -> Any:
+    """The row ids of an image source, a chunk at a time, read in the driver without the pixels: a folder's
+    are its listing, Parquet's its ``id`` column (or row positions)."""
+    from raeflow.data.sources import FolderSource
+
+    if isinstance(source, FolderSource):
+        yield source.files
+        return
+    for path, prefix in source.files:
+        pf = pq.ParquetFile(path)
+        first = 0
+        if source.id_column:
+            for b in pf.iter_batches(batch_size=1 << 16, columns=[source.id_column]):
+                col = b.column(0)
+                ids = [f"{prefix}{first + i}" if v is None else str(v) for i, v in enumerate(col.to_pylist())]
+                first += len(ids)
+                yield ids
+        else:
+            n = pf.metadata.num_rows
+            for a in range(0, n, 1 << 16):
+                yield [f"{prefix}{i}" for i in range(a, min(n, a + (1 << 16)))]
+
+
+def _train_docs(spec: str, source, fraction: float) -> int:
+    """Training documents of a text corpus: ids are read (JSONL: parsed a line at a time) without the texts
+    being kept."""
+    from raeflow.data.readers import read_jsonl
+    from raeflow.data.sources import FolderSource, JsonlSource
+
+    if isinstance(source, FolderSource):
+        return int((~in_validation(source.files, fraction)).sum())
+    if isinstance(source, JsonlSource):
+        n = 0
+        for block in read_jsonl(pa.table({"path": [str(source.path)]}), text_field=source.text_field,
+                                id_field=source.id_field, label_field=None, done=None):
+            n += int((~in_validation(block.column(ID).to_pylist(), fraction)).sum())
+        return n
+    return sum(int((~in_validation(chunk, fraction)).sum()) for chunk in _ids(source))
