@@ -25,6 +25,9 @@ class DataConfig:
     # auto | memory | stream. A user corpus larger than half the data budget is streamed by Ray Data tasks (the
     # driver never holds it); smaller ones are read once into memory, which is faster. Built-ins: memory.
     read: str = "auto"
+    # Streamed training's shuffle, seeded by train.seed: the files / row groups are read in a new order each epoch,
+    # and each worker mixes rows over a buffer of this many batches (rows of a block arrive together otherwise).
+    shuffle_buffer: int = 20
 
 
 @dataclass
@@ -303,6 +306,7 @@ _SCHEMA = [
     ("data", "vocab_size", _Int(1, 1_000_000)),  # the model's input width: bounded like a layer
     ("data", "weighting", _Choice(("counts", "log", "tfidf", "prob"))),
     ("data", "read", _Choice(("auto", "memory", "stream"))),
+    ("data", "shuffle_buffer", _Int(0, 10_000)),  # batches held by each worker: bounded memory
     ("train", "epochs", _Int(1, MAX_EPOCHS)),
     ("train", "batch_size", _Int(1, 1_000_000)),
     ("train", "lr", _Float(0.0, 10.0, lo_open=True)),  # 0 or negative would not train / ascend the loss

@@ -247,20 +247,24 @@ def test_worker_failure_restarts_from_latest_checkpoint(ray_local, tmp_path, mon
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_resume_after_driver_killed(ray_local, tmp_path, monkeypatch):
-    """`raeflow train` (joining this session's Ray with --address) is SIGKILLed after 2+ epochs; `--resume`
-    continues from the latest Ray checkpoint (same RunConfig name/storage) and finishes every epoch once. The
-    resumed half streams its shard from Ray Data instead of materialising it."""
-    from raeflow.train.ray_engine import DATA_MODE_ENV
+def test_streamed_run_resumes_after_driver_killed(ray_local, tmp_path):
+    """`raeflow train` on a corpus streamed by Ray Data (data.read=stream: the driver never reads it; joining
+    this session's Ray with --address) is SIGKILLed after 2+ epochs; `--resume` continues from the latest Ray
+    checkpoint (same RunConfig name/storage), streams again and trains every epoch exactly once."""
+    from raeflow.data.corpus import write_corpus
+    from raeflow.data.core import in_validation, validation_fraction
     from raeflow.train.run import train
 
-    epochs = 10
+    corpus = write_corpus(tmp_path / "corpus", 800, chunk_rows=400, log=lambda s: None)
+    n_train = int((~in_validation([f"corpus:{i}" for i in range(800)], validation_fraction(800, None))).sum())
+    epochs = 8
     out = tmp_path / "run"
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raeflow.cli.main", "train", "--variant", "ae", "--dataset", "digits", "--workers",
-         "2", "--epochs", str(epochs), "-o", str(out), "--address", address],
+        [sys.executable, "-m", "raeflow.cli.main", "train", "--variant", "ae", "--dataset", str(corpus), "--workers",
+         "2", "--epochs", str(epochs), "-b", "64", "--set", "data.read=stream", "--set", "model.hidden=[32]",
+         "-o", str(out), "--address", address],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -282,7 +286,6 @@ def test_resume_after_driver_killed(ray_local, tmp_path, monkeypatch):
     while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.5)
 
-    monkeypatch.setenv(DATA_MODE_ENV, "stream")
     cfg = RunConfig(output=str(out))
     cfg.ray.workers = 2
     logs: list[str] = []
@@ -295,8 +298,9 @@ def test_resume_after_driver_killed(ray_local, tmp_path, monkeypatch):
     start = resumed[0]["resumed_from"]
     assert resumed[0]["epoch"] == start + 1 and start >= 1
     assert sum(1 for line in logs if line.startswith("epoch ")) == epochs - start  # nothing trained twice
-    assert any("data streamed per worker" in line for line in logs)
-    assert rows[-1]["steps"] == (1348 // 2) // 64
+    assert any("data: streamed by Ray Data" in line for line in logs)
+    assert any(f"train {n_train:,} / val {800 - n_train:,}" in line for line in logs)  # the id-hash split
+    assert rows[-1]["steps"] == (n_train // 2) // 32  # 32 rows per worker per step: every streamed row, once
     assert all(r["weights_in_sync"] for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert result.epochs == epochs and math.isfinite(result.best)

@@ -54,17 +54,29 @@ class Source:
     def todo(self, done: pa.Array) -> int | None:
         return None if self.total is None else self.total - len(done)
 
-    def dataset(self, done: pa.Array):  # pragma: no cover - abstract
+    def dataset(self, done: pa.Array, shuffle_seed: int | None = None):  # pragma: no cover - abstract
+        """``shuffle_seed``: read the units (files, row groups, path chunks) in a random order, another one each
+        time the dataset is executed (each training epoch), reproducible from the seed."""
         raise NotImplementedError
 
 
 
 
-def _from_arrow_chunks(table: pa.Table, rows: int):
+def _from_arrow_chunks(table: pa.Table, rows: int, shuffle_seed: int | None = None):
     import ray.data
 
     chunks = [table.slice(s, rows) for s in range(0, table.num_rows, rows)] or [table]
-    return ray.data.from_arrow(chunks)
+    return _shuffled(ray.data.from_arrow(chunks), shuffle_seed)
+
+
+def _shuffled(units, seed: int | None):
+    """The units of work in a random block order, re-drawn per execution (epoch) from ``seed``: only the small
+    table of units is shuffled (Ray materialises what it shuffles), never the decoded rows."""
+    if seed is None:
+        return units
+    from ray.data import RandomSeedConfig
+
+    return units.randomize_block_order(seed=RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
 
 
 @dataclass
@@ -85,9 +97,9 @@ class FolderSource(Source):
     def todo(self, done: pa.Array) -> int:
         return len(self.pending(done))
 
-    def dataset(self, done: pa.Array):
+    def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         paths = pa.table({"path": pa.array(self.pending(done), pa.string())})
-        ds = _from_arrow_chunks(paths, PATHS_PER_BLOCK)
+        ds = _from_arrow_chunks(paths, PATHS_PER_BLOCK, shuffle_seed)
         if self.kind == "image":
             return ds.map_batches(decode_image_files, batch_format="pyarrow", batch_size=None,
                                   fn_kwargs={"root": str(self.root), "prep": self.prep, "labelled": self.labelled})
@@ -123,8 +135,8 @@ class BuiltinSource(Source):
                              f"{self.prep.input_shape}: embed a dataset of the model's shape")
         return rows_table(ids, labels, [None] * len(rows), x=x[rows].reshape(len(rows), -1))
 
-    def dataset(self, done: pa.Array):
-        return _from_arrow_chunks(self._table(done), BLOCK_ROWS)
+    def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
+        return _from_arrow_chunks(self._table(done), BLOCK_ROWS, shuffle_seed)
 
 
 def _resolving_done(reader, batch: pa.Table, *, done: Any = None, **kwargs: Any) -> Iterator[pa.Table]:
@@ -164,12 +176,12 @@ class ParquetSource(Source):
                 "label_column": self.label_column, "prep": self.prep, "kind": self.kind,
                 "x_dtype": self.x_dtype, "done": done}
 
-    def dataset(self, done: pa.Array):
+    def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         import ray
         import ray.data
 
         units = self.units()
-        ds = ray.data.from_arrow([units.slice(i, 1) for i in range(units.num_rows)])
+        ds = _shuffled(ray.data.from_arrow([units.slice(i, 1) for i in range(units.num_rows)]), shuffle_seed)
         ref = ray.put(done) if len(done) else None  # shipped once, fetched by each task
         return ds.map_batches(functools.partial(_resolving_done, read_parquet_units), batch_format="pyarrow",
                               batch_size=1,
@@ -185,7 +197,7 @@ class JsonlSource(Source):
     id_field: str | None = "id"
     label_field: str | None = "label"
 
-    def dataset(self, done: pa.Array):
+    def dataset(self, done: pa.Array, shuffle_seed: int | None = None):  # one file: one unit, nothing to shuffle
         import ray
         import ray.data
 

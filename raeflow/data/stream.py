@@ -89,6 +89,13 @@ def _probe_parquet(path: Path) -> tuple[str, tuple[int, ...] | None]:
     raise InputError(f"{path}: {d} values per image are not a square 1- or 3-channel image")
 
 
+def train_rows(batch: pa.Table, *, val: bool, fraction: float, shape: tuple[int, ...],
+               vectoriser: dict | None = None) -> dict[str, np.ndarray]:
+    """:class:`TrainRows` as a function: what the Ray Data tasks run (tasks, not an actor pool: nothing is worth
+    keeping between blocks, and an actor pool would be started again every epoch)."""
+    return TrainRows(val=val, fraction=fraction, shape=shape, vectoriser=vectoriser)(batch)
+
+
 class TrainRows:
     """One block of a source's rows -> the training rows of one split: ``{"x": (N, *shape) float32}``.
 
@@ -166,23 +173,29 @@ class StreamedData:
     val: StreamedSplit | None
     fraction: float
     vectoriser: Any = None
-    streamed: bool = True
+    plot_sample: ArrayDataset | None = None  # a few validation rows, read while Ray is up (see sample())
 
-    def datasets(self, parallelism: int | None = None) -> dict[str, Any]:
-        """The Ray Datasets the workers shard: ``train`` (and ``val``) as ``{"x"}`` rows."""
+    def datasets(self, shuffle_seed: int | None = None) -> dict[str, Any]:
+        """The Ray Datasets the workers shard: ``train`` (and ``val``) as ``{"x"}`` rows. With ``shuffle_seed``
+        the training units are read in a new random order every epoch (the workers' local shuffle buffer then
+        mixes rows across the blocks in flight)."""
         vec = None if self.vectoriser is None else self.vectoriser.to_json()
         out = {}
         for name, split in (("train", self.train), ("val", self.val)):
             if split is None or split.n == 0:
                 continue
-            out[name] = self.source.dataset(pa.array([], pa.string())).map_batches(
-                TrainRows, fn_constructor_kwargs={"val": name == "val", "fraction": self.fraction,
-                                                  "shape": split.shape, "vectoriser": vec},
+            seed = shuffle_seed if name == "train" else None
+            out[name] = self.source.dataset(pa.array([], pa.string()), seed).map_batches(
+                train_rows, fn_kwargs={"val": name == "val", "fraction": self.fraction, "shape": split.shape,
+                                       "vectoriser": vec},
                 batch_format="pyarrow", batch_size=None)
         return out
 
     def sample(self, n: int = 2000) -> ArrayDataset:
         """Up to ``n`` validation rows (else training rows) in memory: for the run's plots."""
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-execution INFO lines
         ds = self.datasets()
         name = "val" if "val" in ds else "train"
         rows = ds[name].take_batch(n, batch_format="numpy")

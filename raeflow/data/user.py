@@ -320,9 +320,14 @@ def _float_image(value: Any, size: Size | None, name: str) -> np.ndarray:
         return np.stack([dense(u) for u in v]) if isinstance(v, np.ndarray) and v.dtype == object else v
 
     try:
-        a = np.asarray(dense(value), np.float32)
+        raw = np.asarray(dense(value))
+        a = raw.astype(np.float32)
     except (ValueError, TypeError) as e:
         raise InputError(f"{name}: not a rectangular array of numbers ({e})") from None
+    if np.issubdtype(raw.dtype, np.integer):  # bytes, as the streamed read takes them (raeflow.data.readers)
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise InputError(f"{name}: integer pixels must be bytes in 0..255; found min {raw.min()}, max {raw.max()}")
+        a /= np.float32(255.0)
     if a.ndim == 1:
         h, w = size or (math.isqrt(a.size),) * 2
         if h * w == 0 or a.size % (h * w) or a.size // (h * w) not in (1, 3):

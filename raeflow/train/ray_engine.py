@@ -253,7 +253,7 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
             "(s3://, gs://, NFS) or checkpoints from other nodes cannot be restored")
 
     if isinstance(data, StreamedData):  # read by Ray Data tasks from the files, block by block, every epoch
-        datasets = data.datasets()
+        datasets = data.datasets(shuffle_seed=cfg.train.seed)
     else:
         blocks = max(2 * workers, math.ceil(data.train.x.nbytes / (64 * 2**20)))
         datasets = {"train": to_ray_dataset(data.train, blocks)}
@@ -372,12 +372,14 @@ class _StreamBatches:
     """One epoch of this worker's shard streamed from Ray Data (a shard too large to hold in memory)."""
 
     def __init__(self, shard, batch_size: int, shape, *, drop_last: bool, shuffle_seed: int | None,
-                 sparse: bool = False):
+                 sparse: bool = False, buffer_batches: int = 20):
         self.shard, self.batch_size, self.shape = shard, batch_size, shape
         self.drop_last, self.shuffle_seed, self.sparse = drop_last, shuffle_seed, sparse
+        self.buffer_batches = buffer_batches
 
     def __iter__(self):
-        shuffle = dict(local_shuffle_buffer_size=None if self.shuffle_seed is None else 20 * self.batch_size,
+        shuffle = dict(local_shuffle_buffer_size=None if self.shuffle_seed is None or not self.buffer_batches
+                       else self.buffer_batches * self.batch_size,
                        local_shuffle_seed=self.shuffle_seed)
         if self.sparse:  # list columns cannot become tensors: densify each batch here
             for b in self.shard.iter_batches(batch_size=self.batch_size, drop_last=self.drop_last,
@@ -499,6 +501,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 it = batches
         else:
             it = _StreamBatches(train_shard, bs, shape, drop_last=not closed_form, sparse=config["sparse"],
+                                buffer_batches=cfg.data.shuffle_buffer,
                                 shuffle_seed=None if closed_form else cfg.train.seed + 7919 * rank + epoch)
         if fail_at is not None and epoch + 1 == fail_at and rank == world - 1 and marker \
                 and not os.path.exists(marker):

@@ -68,9 +68,12 @@ def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) 
         from raeflow.train.ray_engine import preflight
 
         preflight(cfg, log)  # the documents' vocabulary is counted in Ray tasks
-        log(f"data: streamed by Ray Data ({why})")
-        return open_streamed(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+        log(f"data: streamed by Ray Data ({why}); shuffled each epoch: file / row-group order, then a "
+            f"{cfg.data.shuffle_buffer}-batch buffer per worker, seeded by train.seed")
+        data = open_streamed(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                              weighting=cfg.data.weighting, log=log)
+        data.plot_sample = data.sample()  # now, while Ray is up (the fit shuts down the Ray it started)
+        return data
     if why != "built-in dataset":
         log(f"data: read into memory ({why})")
     return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
@@ -199,8 +202,8 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
     rows = run.read_metrics()
     from raeflow.plots import plot_run
 
-    if isinstance(data, StreamedData):  # plots draw a few thousand rows: read those, not the corpus
-        sample = data.sample()
+    if isinstance(data, StreamedData):  # plots draw a few thousand rows: those read at the start, not the corpus
+        sample = data.plot_sample
         plot_run(run, model, TrainingData(sample, sample, data.vectoriser), log=log)
     else:
         plot_run(run, model, data, log=log)
