@@ -90,12 +90,13 @@ def train(
 bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios (see BENCHMARKS.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-from raeflow.cli import (bench_embed_cmd, bench_index_cmd, bench_serve_cmd, bench_train_cmd,  # noqa: E402
+from raeflow.cli import (bench_embed_cmd, bench_index_cmd, bench_serve_cmd, bench_stream_cmd, bench_train_cmd,  # noqa: E402
                          corpus_cmd, embed_cmd, eval_cmd, export_cmd, finetune_cmd, index_cmd, report_cmd,
                          serve_cmd, showcase_cmd, tune_cmd)
 
 for _module in (finetune_cmd, tune_cmd, embed_cmd, index_cmd, corpus_cmd, serve_cmd, eval_cmd, report_cmd,
-                export_cmd, showcase_cmd, bench_serve_cmd, bench_embed_cmd, bench_train_cmd, bench_index_cmd):
+                export_cmd, showcase_cmd, bench_serve_cmd, bench_embed_cmd, bench_train_cmd, bench_index_cmd,
+                bench_stream_cmd):
     _module.register(app, bench_app)
 
 if __name__ == "__main__":  # pragma: no cover
