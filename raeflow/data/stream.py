@@ -204,6 +204,13 @@ class StreamedData:
                             dict(split.preprocessing))
 
 
+def in_memory_bytes(data: Any) -> int:
+    """Bytes of training data the driver puts into Ray (none when streamed: tasks read the files)."""
+    if isinstance(data, StreamedData):
+        return 0
+    return data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
+
+
 def estimated_bytes(kind: str, shape: tuple[int, ...] | None, rows: int, vocab_size: int) -> int:
     """The float32 bytes a corpus would take read into memory (documents: their dense rows)."""
     per_row = int(np.prod(shape)) if shape else vocab_size

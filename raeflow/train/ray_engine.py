@@ -51,7 +51,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, SparseRows, TrainingData
-from raeflow.data.stream import StreamedData
+from raeflow.data.stream import StreamedData, in_memory_bytes
 from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -226,8 +226,6 @@ class _Relay:
 def fit_ray(cfg: RaeRunConfig, model: nn.Module, data: TrainingData, run: RunDir, resume: bool,
             log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """Train on Ray Train; returns the selected (best, final-stage) model state."""
-    from raeflow.train.run import in_memory_bytes
-
     plan = preflight(cfg, log, data_bytes=in_memory_bytes(data))
     try:
         return _fit(cfg, model, data, run, resume, plan, log)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from raeflow.config import RunConfig
 from raeflow.data import SparseRows, TrainingData, load_training_data
-from raeflow.data.stream import StreamedData, choose_read
+from raeflow.data.stream import StreamedData, choose_read, in_memory_bytes
 from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
@@ -78,13 +78,6 @@ def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) 
         log(f"data: read into memory ({why})")
     return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                               weighting=cfg.data.weighting)
-
-
-def in_memory_bytes(data: "TrainingData | StreamedData") -> int:
-    """Bytes of training data the driver puts into Ray (none when streamed: tasks read the files)."""
-    if isinstance(data, StreamedData):
-        return 0
-    return data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
 
 
 def rows_of(x: Any) -> Any:
