@@ -96,7 +96,7 @@ def test_toy_gets_exactly_what_its_capabilities_allow(toy_variant, tmp_path):
 
     enc = Encoder(art)
     out = enc({"id": ["a", "b"], "x": x[:2].reshape(2, -1), "error": [None, "unreadable"]})
-    assert out.schema.names == ["id", "embedding", "label", "error"]  # no logvar, no codes
+    assert out.schema.names == ["id", "embedding", "label", "source", "error"]  # no logvar, no codes
     assert out.column("embedding").type.list_size == 4 and out.column("embedding").null_count == 1
 
 

@@ -12,7 +12,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 faiss.omp_set_num_threads(1)
 
-from raeflow.embed.encoder import EMBEDDING, ID, LABEL, to_vectors  # noqa: E402
+from raeflow.embed.encoder import EMBEDDING, ID, LABEL, SOURCE, to_vectors  # noqa: E402
 from raeflow.embed.encoder import embedding_schema  # noqa: E402
 from raeflow.embed.output import PART, write_atomic  # noqa: E402
 from raeflow.embed.search import Index, normalise, top_k  # noqa: E402
@@ -37,7 +37,8 @@ def write_part(out: Path, part: int, vectors: np.ndarray, first: int, sha: str =
     n, dim = vectors.shape
     table = pa.table({ID: pa.array([f"row{first + i}" for i in range(n)]),
                       EMBEDDING: to_vectors(vectors, np.zeros(n, bool)),
-                      LABEL: pa.array([f"c{(first + i) % 7}" for i in range(n)])}).cast(embedding_schema(dim, frozenset({"encode"}), error=False, metadata=meta))
+                      LABEL: pa.array([f"c{(first + i) % 7}" for i in range(n)]),
+                      SOURCE: pa.array([str(first + i) for i in range(n)])}).cast(embedding_schema(dim, frozenset({"encode"}), error=False, metadata=meta))
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(table, out / PART.format(part))
 

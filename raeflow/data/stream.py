@@ -211,13 +211,17 @@ def in_memory_bytes(data: Any) -> int:
     return data.train.x.nbytes + (0 if data.val is None else data.val.x.nbytes)
 
 
-def estimated_bytes(kind: str, shape: tuple[int, ...] | None, rows: int, vocab_size: int) -> int:
-    """The float32 bytes a corpus would take read into memory (documents: their dense rows)."""
-    per_row = int(np.prod(shape)) if shape else vocab_size
-    return 4 * rows * per_row
+def estimated_bytes(spec: str, kind: str, shape: tuple[int, ...] | None, rows: int) -> int:
+    """The bytes a corpus would take read into memory: images as float32 rows; documents as their text plus
+    their sparse vectors (at most about as many bytes again), i.e. twice the input's size on disk."""
+    if kind == "text":
+        root = Path(spec)
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
+        return 2 * sum(p.stat().st_size for p in files)
+    return 4 * rows * int(np.prod(shape))
 
 
-def choose_read(mode: str, spec: str, *, vocab_size: int = 2000) -> tuple[str, str]:
+def choose_read(mode: str, spec: str) -> tuple[str, str]:
     """``(memory | stream, why)`` for ``data.read`` = ``mode``. Built-in datasets are always read into memory."""
     from raeflow.data.catalog import known_datasets, parse_spec
 
@@ -228,11 +232,18 @@ def choose_read(mode: str, spec: str, *, vocab_size: int = 2000) -> tuple[str, s
             raise InputError(f"data.read=stream: {spec} is a built-in dataset (read into memory); stream a "
                              "corpus on disk (raeflow corpus writes one)")
         return "memory", "built-in dataset"
+    root = Path(spec)
+    if not root.exists():
+        return "memory", "not found"  # the in-memory read names what is missing (path or dataset) as it always has
+    if not root.is_dir():
+        from raeflow.io import regular_file
+
+        regular_file(root, 1 << 62, "a data file")  # a FIFO or a device named like data would hang the first read
     if mode != "auto":
         return mode, f"data.read={mode}"
     kind, shape = probe(spec)
     rows = _row_count(spec)
-    need, budget = estimated_bytes(kind, shape, rows, vocab_size), data_budget()
+    need, budget = estimated_bytes(spec, kind, shape, rows), data_budget()
     if need > STREAM_ABOVE * budget:
         return "stream", (f"{rows:,} rows would take {need / 2**30:.1f} GiB in memory, over {STREAM_ABOVE:.0%} of the "
                           f"{budget / 2**30:.1f} GiB data budget")

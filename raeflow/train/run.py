@@ -59,7 +59,7 @@ def _init_params(variant: str) -> set[str]:
 
 def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) -> "TrainingData | StreamedData":
     """The run's data, read into memory or streamed (``data.read``: auto decides by size, and says why)."""
-    how, why = choose_read(cfg.data.read, cfg.data.dataset, vocab_size=cfg.data.vocab_size)
+    how, why = choose_read(cfg.data.read, cfg.data.dataset)
     if how == "stream":
         if local:
             raise InputError(f"data: {cfg.data.dataset} is to be streamed ({why}) and streaming runs on Ray: drop "
@@ -74,7 +74,7 @@ def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) 
                              weighting=cfg.data.weighting, log=log)
         data.plot_sample = data.sample()  # now, while Ray is up (the fit shuts down the Ray it started)
         return data
-    if why != "built-in dataset":
+    if why not in ("built-in dataset", "not found"):
         log(f"data: read into memory ({why})")
     return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                               weighting=cfg.data.weighting)
