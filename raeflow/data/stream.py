@@ -89,6 +89,13 @@ def _probe_parquet(path: Path) -> tuple[str, tuple[int, ...] | None]:
     raise InputError(f"{path}: {d} values per image are not a square 1- or 3-channel image")
 
 
+def refuse_bad_rows(batch: pa.Table) -> None:
+    """Training's rule for a row the readers could not read: stop, naming it (embed writes it to _errors/)."""
+    errors = batch.column(ERROR).drop_null()
+    if len(errors):
+        raise InputError(f"{errors[0].as_py()} ({len(errors)} bad row(s) in this block; fix or remove them)")
+
+
 def train_rows(batch: pa.Table, *, val: bool, fraction: float, shape: tuple[int, ...],
                vectoriser: dict | None = None) -> dict[str, np.ndarray]:
     """:class:`TrainRows` as a function: what the Ray Data tasks run (tasks, not an actor pool: nothing is worth
@@ -113,9 +120,7 @@ class TrainRows:
             self.vectoriser = Vectoriser.from_json(vectoriser)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        errors = batch.column(ERROR).drop_null()
-        if len(errors):
-            raise InputError(f"{errors[0].as_py()} ({len(errors)} bad row(s) in this block; fix or remove them)")
+        refuse_bad_rows(batch)
         keep = in_validation(batch.column(ID).to_pylist(), self.fraction) == self.val
         rows = batch.filter(pa.array(keep))
         if self.vectoriser is not None:
@@ -132,9 +137,7 @@ def _count_stems(batch: pa.Table, *, fraction: float, vocab_size: int, weighting
     """One block's stem counts over its training documents (a Ray Data task of the streamed vocabulary pass)."""
     from raeflow.data.text import Vectoriser
 
-    errors = batch.column(ERROR).drop_null()
-    if len(errors):
-        raise InputError(f"{errors[0].as_py()} ({len(errors)} bad row(s) in this block; fix or remove them)")
+    refuse_bad_rows(batch)
     held = in_validation(batch.column(ID).to_pylist(), fraction)
     docs = [d for d, v in zip(batch.column(TEXT).to_pylist(), held) if not v]
     counts, df, n = Vectoriser(vocab_size, weighting).count(docs)
