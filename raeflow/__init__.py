@@ -7,7 +7,17 @@ Importing ``raeflow`` (models, losses, data, the plain services) never imports R
 """
 from raeflow.version import __version__  # noqa: F401
 
-from raeflow.registry import build_model, list_variants, register_model  # noqa: E402,F401
+#: Names served from ``raeflow.registry`` on first use (PEP 562): importing a data rule (``raeflow.data.*``, which
+#: every Ray Data task process runs) must not import torch and every model -- 180 MiB more per process, measured.
+_FROM_REGISTRY = ("build_model", "list_variants", "register_model")
+
+
+def __getattr__(name):
+    if name in _FROM_REGISTRY:
+        from raeflow import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'raeflow' has no attribute {name!r}")
 
 
 def load_model(path):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raeflow.data.user import decode_image
+from raeflow.data.decode import decode_image
 from raeflow.embed import output as jobmod
 from raeflow.embed.encoder import Encoder
 from raeflow.embed.encoder import embedding_schema

@@ -190,7 +190,8 @@ def test_huge_inputs_are_refused_before_allocation(huge_png, digits_run, tmp_pat
 
 
 def test_large_first_image_is_bounded_default_size(tmp_path):
-    from raeflow.data.user import MAX_DEFAULT_PIXELS, load_user_data
+    from raeflow.data.decode import MAX_DEFAULT_PIXELS
+    from raeflow.data.user import load_user_data
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -12,7 +12,7 @@ import pytest
 from raeflow.data import load_training_data
 from raeflow.data.corpus import write_corpus
 from raeflow.data.rows import ERROR, ID, TEXT, X
-from raeflow.data.stream import TrainRows, choose_read, probe
+from raeflow.data.stream import TrainRows, as_float, choose_read, probe
 from raeflow.errors import InputError
 
 
@@ -53,7 +53,12 @@ def test_train_rows_split_scale_and_refuse_bad_rows():
     val = TrainRows(val=True, fraction=0.25, shape=(1, 2, 2))(block)["x"]
     train = TrainRows(val=False, fraction=0.25, shape=(1, 2, 2))(block)["x"]
     assert val.shape == (held.sum(), 1, 2, 2) and train.shape == ((~held).sum(), 1, 2, 2)
-    np.testing.assert_allclose(val.reshape(-1, 4), x[held] / 255.0, rtol=1e-6)  # bytes / 255, as in memory
+    assert val.dtype == np.uint8  # a quarter of float32's bytes in flight; the worker scales each batch
+    np.testing.assert_allclose(as_float(val).reshape(-1, 4), x[held] / 255.0, rtol=1e-6)  # bytes / 255, as in memory
+    import torch
+
+    t = as_float(torch.from_numpy(val))
+    assert t.dtype == torch.float32 and torch.allclose(t.reshape(-1, 4), torch.from_numpy(x[held] / 255.0).float())
     bad = block.set_column(1, ERROR, pa.array([None] * 199 + ["r199: not a readable image"], pa.string()))
     with pytest.raises(InputError, match="r199: not a readable image"):
         TrainRows(val=False, fraction=0.25, shape=(1, 2, 2))(bad)
@@ -69,7 +74,8 @@ def test_streamed_and_in_memory_reads_see_the_same_rows_and_split(ray_local, cor
     assert (len(st.train), len(st.val)) == (len(mem.train), len(mem.val)) and len(mem.val) > 0
     ds = st.datasets()
     for name, ref in (("train", mem.train.x), ("val", mem.val.x)):
-        got = np.concatenate([b["x"] for b in ds[name].iter_batches(batch_size=None, batch_format="numpy")])
+        got = np.concatenate([as_float(b["x"]) for b in ds[name].iter_batches(batch_size=None,
+                                                                             batch_format="numpy")])
         assert got.shape[1:] == (1, 28, 28)
         assert _rows(got) == _rows(ref), name
 

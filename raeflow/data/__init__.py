@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from raeflow.data.catalog import known_datasets, parse_spec  # noqa: F401
+from raeflow.data.catalog import builtin_split, known_datasets, parse_spec  # noqa: F401
 from raeflow.data.core import (ArrayDataset, RawSplit, SparseRows, in_validation, register_dataset,  # noqa: F401
                                validation_fraction, validation_size)
 from raeflow.errors import InputError
@@ -29,10 +29,8 @@ def _raw(spec: str, default_split: str) -> tuple[str, str, str, RawSplit]:
     datasets = known_datasets()
     name, split = parse_spec(spec)
     if name in datasets:
-        ds = datasets[name]
         split = split or default_split
-        if split not in ds.splits:
-            raise InputError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+        ds = builtin_split(name, split)
         return name, split, ds.kind, ds.load(split)
     if Path(spec).exists():
         from raeflow.data.user import load_user_data

@@ -25,3 +25,13 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         name, split = spec.split(":", 1)
         return name, split
     return spec, None
+
+
+def builtin_split(name: str, split: str) -> BuiltinDataset:
+    """The built-in dataset ``name``, after checking it has ``split`` (the one message for every reader)."""
+    from raeflow.errors import InputError
+
+    ds = _BUILTIN[name]
+    if split not in ds.splits:
+        raise InputError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+    return ds

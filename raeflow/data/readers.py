@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raeflow.data.text import check_document, read_text_file
-from raeflow.data.user import IMAGE_EXTS, decode_image
+from raeflow.data.decode import IMAGE_EXTS, MAX_IMAGE_FILE_BYTES, decode_image
 from raeflow.data.rows import ERROR, ID, LABEL, SOURCE, TEXT, X
 from raeflow.errors import InputError
 
@@ -122,7 +122,7 @@ def _error_text(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------- per-item decoding
 def decode_images(items: Sequence[tuple[str, Any]], prep: Prep) -> tuple[np.ndarray, list[str | None]]:
     """``(name, encoded bytes | None | the exception that stopped reading it)`` pairs -> ``(N, D)`` float32 and
-    per-row errors (the data layer's :func:`~raeflow.data.user.decode_image`, resized to the model's size and
+    per-row errors (the data layer's :func:`~raeflow.data.decode.decode_image`, resized to the model's size and
     converted to its mode)."""
     x = np.zeros((len(items), prep.dim), np.float32)
     errors: list[str | None] = []
@@ -246,7 +246,7 @@ def array_images(col: pa.Array, names: Sequence[str], prep: Prep, out_dtype: Any
             scale = 255.0
         for j in np.flatnonzero(bad).tolist():
             i = int(idx[j])
-            unit = "in [0, 1]" if scale == 1.0 else "bytes in 0..255"
+            unit = "finite and in [0, 1] (e.g. bytes / 255)" if scale == 1.0 else "bytes in 0..255"
             errors[i] = f"{names[i]}: pixel values must be {unit}; found min {lo[j]:g}, max {hi[j]:g}"
         if out_dtype == np.uint8:
             x[idx] = values.astype(np.uint8, copy=False)
@@ -263,8 +263,7 @@ def _strings_or_nulls(col: pa.Array | None, n: int) -> pa.Array:
 #: Ids of files whose names are not UTF-8 start with this (a name os.walk can list but Arrow cannot hold): the
 #: row becomes an error naming the bytes, instead of the whole job failing on one name.
 BAD_NAME = "<file name not UTF-8: "
-#: A file raeflow embed reads whole: far above any image or document, far below memory.
-MAX_IMAGE_FILE_BYTES = 256 << 20
+#: A document file read whole: far above any document, far below memory (images: ``MAX_IMAGE_FILE_BYTES``).
 MAX_TEXT_FILE_BYTES = 64 << 20
 
 
@@ -320,6 +319,36 @@ def _list_files(root: Path) -> list[str]:
 def _kind_of(rel: str) -> str | None:
     ext = Path(rel.rstrip(">'\"") if rel.startswith(BAD_NAME) else rel).suffix.lower()
     return "image" if ext in IMAGE_EXTS else {".txt": "text", ".parquet": "parquet", ".jsonl": "jsonl"}.get(ext)
+
+
+#: What raeflow reads, for messages about what it does not.
+SUPPORTED = (f"a folder of images ({' '.join(IMAGE_EXTS)}), a folder of .txt files, a .jsonl file with a \"text\" "
+             "field, or a .parquet file (or a folder of them) with a \"text\" or \"image\" column")
+
+
+def classify_folder(root: Path) -> tuple[str, list[str]]:
+    """``(kind, relative paths)`` of a data folder -- ``image``, ``text`` or ``parquet`` -- the one rule for every
+    reader of a folder (train in memory or streamed, embed, search). Files of other types are ignored; a folder of
+    none, or of more than one kind, is refused with what it holds."""
+    from collections import Counter
+
+    rels = _list_files(root)
+    groups: dict[str, list[str]] = {}
+    for rel in rels:
+        k = _kind_of(rel)
+        if k:
+            groups.setdefault(k, []).append(rel)
+    if not groups:
+        found = Counter(Path(rel).suffix.lower() or "(no extension)" for rel in rels)
+        what = ", ".join(f"{n} {ext}" for ext, n in found.most_common()) or "it is empty"
+        raise InputError(f"{root}: no usable files ({what}); supported: {SUPPORTED}")
+    if len(groups) > 1:
+        mix = " and ".join(f"{len(v)} {k} files" for k, v in sorted(groups.items()))
+        raise InputError(f"{root}: mixes {mix}; a dataset holds one kind, so put them in separate folders")
+    kind, rels = groups.popitem()
+    if kind == "jsonl":
+        raise InputError(f"{root}: a folder of .jsonl files; give one .jsonl file")
+    return kind, rels
 
 def read_parquet_units(units: pa.Table, *, files, column, id_column, label_column, prep: Prep, kind: str,
                        x_dtype: str, done: Any, block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:

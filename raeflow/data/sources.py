@@ -32,12 +32,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raeflow.data.user import IMAGE_EXTS
-from raeflow.data.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, Prep, _kind_of, _list_files,  # noqa: F401
-                                   check_texts, decode_image_files, is_list, read_input_file, read_jsonl,
+from raeflow.data.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, SUPPORTED, Prep, check_texts, classify_folder,
+                                   decode_image_files, is_list, read_input_file, read_jsonl,
                                    read_parquet_units,
                                    read_text_files, rows_table)
 from raeflow.errors import InputError, MissingFileError
+
+
+#: No committed rows: a fresh read.
+_NONE = pa.array([], pa.string())
+
+
+def parquet_schema(path: str | Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -53,6 +63,11 @@ class Source:
 
     def todo(self, done: pa.Array) -> int | None:
         return None if self.total is None else self.total - len(done)
+
+    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:  # pragma: no cover - abstract
+        """The same rows as :meth:`dataset`, read here in this process by the same plain readers (no Ray): the
+        in-memory read of a small corpus."""
+        raise NotImplementedError
 
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):  # pragma: no cover - abstract
         """``shuffle_seed``: read the units (files, row groups, path chunks) in a random order, another one each
@@ -97,14 +112,20 @@ class FolderSource(Source):
     def todo(self, done: pa.Array) -> int:
         return len(self.pending(done))
 
+    def _read_block(self):
+        if self.kind == "image":
+            return functools.partial(decode_image_files, root=str(self.root), prep=self.prep, labelled=self.labelled)
+        return functools.partial(read_text_files, root=str(self.root), labelled=self.labelled)
+
+    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
+        paths = self.pending(_NONE if done is None else done)
+        for a in range(0, len(paths), PATHS_PER_BLOCK):
+            yield self._read_block()(pa.table({"path": pa.array(paths[a:a + PATHS_PER_BLOCK], pa.string())}))
+
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         paths = pa.table({"path": pa.array(self.pending(done), pa.string())})
         ds = _from_arrow_chunks(paths, PATHS_PER_BLOCK, shuffle_seed)
-        if self.kind == "image":
-            return ds.map_batches(decode_image_files, batch_format="pyarrow", batch_size=None,
-                                  fn_kwargs={"root": str(self.root), "prep": self.prep, "labelled": self.labelled})
-        return ds.map_batches(read_text_files, batch_format="pyarrow", batch_size=None,
-                              fn_kwargs={"root": str(self.root), "labelled": self.labelled})
+        return ds.map_batches(self._read_block(), batch_format="pyarrow", batch_size=None)
 
 
 @dataclass
@@ -134,6 +155,9 @@ class BuiltinSource(Source):
             raise InputError(f"{self.name} images are {tuple(x.shape[1:])} but the model takes "
                              f"{self.prep.input_shape}: embed a dataset of the model's shape")
         return rows_table(ids, labels, [None] * len(rows), x=x[rows].reshape(len(rows), -1))
+
+    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
+        yield from self._table(_NONE if done is None else done).to_batches(BLOCK_ROWS)
 
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         return _from_arrow_chunks(self._table(done), BLOCK_ROWS, shuffle_seed)
@@ -176,6 +200,9 @@ class ParquetSource(Source):
                 "label_column": self.label_column, "prep": self.prep, "kind": self.kind,
                 "x_dtype": self.x_dtype, "done": done}
 
+    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
+        yield from read_parquet_units(self.units(), **self.read_kwargs(_NONE if done is None else done))
+
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         import ray
         import ray.data
@@ -197,6 +224,13 @@ class JsonlSource(Source):
     id_field: str | None = "id"
     label_field: str | None = "label"
 
+    def _kwargs(self, done: Any) -> dict[str, Any]:
+        return {"text_field": self.text_field, "id_field": self.id_field, "label_field": self.label_field,
+                "done": done}
+
+    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
+        yield from read_jsonl(pa.table({"path": [str(self.path)]}), **self._kwargs(_NONE if done is None else done))
+
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):  # one file: one unit, nothing to shuffle
         import ray
         import ray.data
@@ -204,8 +238,7 @@ class JsonlSource(Source):
         ref = ray.put(done) if len(done) else None
         return ray.data.from_arrow(pa.table({"path": [str(self.path)]})).map_batches(
             functools.partial(_resolving_done, read_jsonl), batch_format="pyarrow", batch_size=1,
-            fn_kwargs={"text_field": self.text_field, "id_field": self.id_field, "label_field": self.label_field,
-                       "done": ref})
+            fn_kwargs=self._kwargs(ref))
 
 
 
@@ -214,15 +247,13 @@ class JsonlSource(Source):
 def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_column: str | None = None,
                 image_column: str | None = None, label_column: str | None = "label") -> Source:
     """Resolve ``--input``: a built-in dataset (``name`` or ``name:split``, default split ``test``) or a path."""
-    from raeflow.data.catalog import known_datasets, parse_spec
+    from raeflow.data.catalog import builtin_split, known_datasets, parse_spec
 
     datasets = known_datasets()
     name, split = parse_spec(spec)
     if name in datasets and not Path(spec).exists():
-        ds = datasets[name]
         split = split or "test"
-        if split not in ds.splits:
-            raise InputError(f"dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
+        ds = builtin_split(name, split)
         _check_kind(ds.kind, prep, spec)
         src = BuiltinSource(ds.kind, f"{name}:{split}", None, prep, name=name, split=split)
         src.total = len(ds.load(split).x)
@@ -233,23 +264,10 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
         raise MissingFileError(f"--input {spec!r}: no such file or folder, nor a built-in dataset ({known})")
     root = root.resolve()
     if root.is_dir():
-        files = _list_files(root)
-        groups: dict[str, list[str]] = {}
-        for rel in files:
-            k = _kind_of(rel)
-            if k:
-                groups.setdefault(k, []).append(rel)
-        if not groups:
-            raise InputError(f"{root}: no usable files (images {' '.join(IMAGE_EXTS)}, .txt, .parquet or .jsonl)")
-        if len(groups) > 1:
-            mix = " and ".join(f"{len(v)} {k} files" for k, v in groups.items())
-            raise InputError(f"{root}: mixes {mix}; embed one kind of input per job (separate folders)")
-        kind, rels = groups.popitem()
+        kind, rels = classify_folder(root)
         if kind in ("image", "text"):
             _check_kind(kind, prep, spec)
             return FolderSource(kind, str(root), len(rels), prep, root=root, files=rels)
-        if kind == "jsonl":
-            raise InputError(f"{root}: a folder of .jsonl files; pass one .jsonl file per job")
         return _parquet_source(str(root), [(str(root / r), f"{r}#") for r in rels], prep, id_column, text_column,
                                image_column, label_column)
     try:  # a FIFO or a device named like a data file would hang the first read
@@ -264,8 +282,8 @@ def open_source(spec: str, prep: Prep, *, id_column: str | None = None, text_col
         _check_kind("text", prep, spec)
         return JsonlSource("text", str(root), None, prep, path=root, text_field=text_column or "text",
                            id_field=id_column or "id", label_field=label_column)
-    raise InputError(f"{root}: unsupported input {suffix or '(no extension)'}; give a folder of images or .txt "
-                     "files, a .parquet file or folder, a .jsonl file, or a built-in dataset name")
+    raise InputError(f"{root}: unsupported file type {suffix or '(no extension)'}; supported: {SUPPORTED}, or a "
+                     "built-in dataset name")
 
 
 def _check_kind(kind: str, prep: Prep, spec: str) -> None:
@@ -277,7 +295,7 @@ def _check_kind(kind: str, prep: Prep, spec: str) -> None:
 
 def _parquet_source(spec: str, files: list[tuple[str, str]], prep: Prep, id_column: str | None,
                     text_column: str | None, image_column: str | None, label_column: str | None) -> ParquetSource:
-    schemas = [pq.read_schema(p) for p, _ in files]
+    schemas = [parquet_schema(p) for p, _ in files]
     wanted = (text_column or "text") if prep.kind == "text" else (image_column or "image")
     flag = "--text-column" if prep.kind == "text" else "--image-column"
     for (p, _), s in zip(files, schemas):

@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raeflow.data.core import ArrayDataset, data_budget, in_validation, validation_fraction
-from raeflow.data.readers import Prep, _kind_of, _list_files, is_list
+from raeflow.data.readers import (MAX_IMAGE_FILE_BYTES, SUPPORTED, Prep, classify_folder,
+                                  is_list, read_input_file)
 from raeflow.data.rows import ERROR, ID, TEXT, X
-from raeflow.errors import InputError
+from raeflow.errors import InputError, MissingFileError
 
 #: ``data.read``: how ``raeflow train`` reads its corpus.
 READ_MODES = ("auto", "memory", "stream")
@@ -34,59 +35,73 @@ READ_MODES = ("auto", "memory", "stream")
 STREAM_ABOVE = 0.5
 
 
-def probe(spec: str) -> tuple[str, tuple[int, ...] | None]:
+def probe(spec: str, mode: str = "L", size: tuple[int, int] | None = None) -> tuple[str, tuple[int, ...] | None]:
     """``(kind, input shape)`` of a user corpus from its listing and first row only (documents: shape None,
-    decided by the vocabulary). Images are sized as the in-memory read sizes them: the first image's size,
-    bounded (:func:`raeflow.data.user.default_size`); flat pixel arrays must be square (1 or 3 channels)."""
-    from raeflow.data.user import decode_image, default_size
-
+    decided by the vocabulary): the one resolver of what a path holds, for the in-memory and the streamed read.
+    Encoded images take ``mode``'s channels and ``size`` (H, W), by default the first image's size, bounded
+    (:func:`raeflow.data.decode.default_size`); pixel arrays keep their own channels, flat ones must be square
+    unless ``size`` shapes them."""
     root = Path(spec)
+    if not root.exists():
+        raise MissingFileError(f"{root}: no such file or folder")
     if root.is_dir():
-        rels = [r for r in _list_files(root) if _kind_of(r)]
-        kinds = {_kind_of(r) for r in rels}
-        if not rels:
-            raise InputError(f"{root}: no usable files (images, .txt, .parquet or .jsonl)")
-        if len(kinds) > 1:
-            raise InputError(f"{root}: mixes {' and '.join(sorted(kinds))} files; a dataset holds one kind")
-        kind = kinds.pop()
+        kind, rels = classify_folder(root)
         if kind == "text":
             return "text", None
         if kind == "image":
-            first = decode_image((root / rels[0]).read_bytes(), None, "L", rels[0])
-            return "image", (1, *default_size(first.shape[1:]))
-        if kind == "jsonl":
-            raise InputError(f"{root}: a folder of .jsonl files; give one .jsonl file")
-        return _probe_parquet(root / rels[0])
-    if root.suffix.lower() == ".jsonl":
+            return "image", _encoded_shape(read_input_file(root, rels[0], MAX_IMAGE_FILE_BYTES), rels[0], mode, size)
+        return _probe_parquet(root / rels[0], mode, size)
+    read_input_file(root.parent, root.name, 1 << 62, read=False)  # a FIFO or a device would hang the first read
+    suffix = root.suffix.lower()
+    if suffix == ".jsonl":
         return "text", None
-    if root.suffix.lower() == ".parquet":
-        return _probe_parquet(root)
-    raise InputError(f"{root}: unsupported input {root.suffix or '(no extension)'} for a streamed read")
+    if suffix == ".parquet":
+        return _probe_parquet(root, mode, size)
+    raise InputError(f"{root}: unsupported file type {suffix or '(no extension)'}; supported: {SUPPORTED}")
 
 
-def _probe_parquet(path: Path) -> tuple[str, tuple[int, ...] | None]:
-    from raeflow.data.user import decode_image, default_size
+def _encoded_shape(data: bytes, name: str, mode: str, size: tuple[int, int] | None) -> tuple[int, ...]:
+    from raeflow.data.decode import MODES, decode_image, default_size
 
-    schema = pq.read_schema(path)
+    if size is None:
+        size = default_size(decode_image(data, None, "L", name).shape[1:])
+    return (MODES[mode], *size)
+
+
+def _probe_parquet(path: Path, mode: str, size: tuple[int, int] | None) -> tuple[str, tuple[int, ...] | None]:
+    from raeflow.data.sources import parquet_schema
+
+    schema = parquet_schema(path)
+    if ("text" in schema.names) == ("image" in schema.names):
+        raise InputError(f"{path}: needs exactly one of the columns \"text\" (documents) or \"image\" (encoded "
+                         f"images or pixel arrays); it has {schema.names}")
     if "text" in schema.names:
         return "text", None
-    if "image" not in schema.names:
-        raise InputError(f"{path}: needs a \"text\" or \"image\" column; it has {schema.names}")
     t = schema.field("image").type
     t = t.storage_type if isinstance(t, pa.ExtensionType) else t
     first = pq.ParquetFile(path).read_row_group(0, columns=["image"]).column(0)[0].as_py()
+    if isinstance(first, dict):  # Hugging Face's {bytes, path} image struct
+        first = first.get("bytes")
+    if isinstance(first, (bytes, bytearray)):
+        return "image", _encoded_shape(bytes(first), f"{path.name} row 0", mode, size)
     if pa.types.is_fixed_size_list(t) and not is_list(t.value_type):
         d = t.list_size
-    elif isinstance(first, (bytes, bytearray)):
-        img = decode_image(bytes(first), None, "L", f"{path} row 0")
-        return "image", (1, *default_size(img.shape[1:]))
     else:
-        d = int(np.asarray(first).size)
+        a = np.asarray(first, dtype=object if first is None else None)
+        if a.ndim in (2, 3) and a.dtype != object:  # nested (H, W) or (C, H, W): the array's own shape
+            return "image", ((1,) if a.ndim == 2 else ()) + tuple(int(v) for v in a.shape)
+        d = int(a.size)
+    if size is not None:
+        c = d // (size[0] * size[1]) if size[0] * size[1] else 0
+        if c in (1, 3) and c * size[0] * size[1] == d:
+            return "image", (c, *size)
+        raise InputError(f"{path.name} row 0: wrong shape: {d} values do not make a 1- or 3-channel {size} image")
     for c in (1, 3):
         s = math.isqrt(d // c)
-        if c * s * s == d:
+        if c * s * s == d and s:
             return "image", (c, s, s)
-    raise InputError(f"{path}: {d} values per image are not a square 1- or 3-channel image")
+    raise InputError(f"{path.name} row 0: wrong shape: {d} values do not make a square 1- or 3-channel image "
+                     "(pass size=(H, W))")
 
 
 def refuse_bad_rows(batch: pa.Table) -> None:
@@ -107,8 +122,10 @@ class TrainRows:
     """One block of a source's rows -> the training rows of one split: ``{"x": (N, *shape) float32}``.
 
     A row with an error stops training with that row's message (the in-memory read refuses a bad file the same
-    way: one rule for both paths). Rows are kept when :func:`in_validation` of their id says ``val``; uint8
-    pixels become float32 bytes/255, documents are vectorised (dense for this block only).
+    way: one rule for both paths). Rows are kept when :func:`in_validation` of their id says ``val``; documents
+    are vectorised (dense for this block only). uint8 pixels stay uint8: a quarter of float32's bytes in the
+    object store, in every block in flight and in the workers' shuffle buffers; the worker scales each batch
+    (:func:`as_float`), as the in-memory read does (bytes / 255).
     """
 
     def __init__(self, *, val: bool, fraction: float, shape: tuple[int, ...], vectoriser: dict | None = None):
@@ -129,8 +146,18 @@ class TrainRows:
         else:
             col = rows.column(X).combine_chunks()
             flat = col.flatten().to_numpy(zero_copy_only=False).reshape(rows.num_rows, -1)
-            x = flat.astype(np.float32) / np.float32(255.0) if flat.dtype == np.uint8 else flat.astype(np.float32)
+            x = flat if flat.dtype == np.uint8 else flat.astype(np.float32)
         return {"x": x.reshape(len(x), *self.shape)}
+
+
+def as_float(x):
+    """A batch of streamed training rows as float32: uint8 pixels are bytes / 255 (the in-memory rule), float
+    rows pass through. Takes and returns an ndarray or a torch tensor."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x
+    import torch
+
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 def _count_stems(batch: pa.Table, *, fraction: float, vocab_size: int, weighting: str) -> pa.Table:
@@ -142,8 +169,11 @@ def _count_stems(batch: pa.Table, *, fraction: float, vocab_size: int, weighting
     docs = [d for d, v in zip(batch.column(TEXT).to_pylist(), held) if not v]
     counts, df, n = Vectoriser(vocab_size, weighting).count(docs)
     stems = sorted(counts)
-    return pa.table({"stem": pa.array(stems, pa.string()), "count": pa.array([counts[s] for s in stems], pa.int64()),
-                     "df": pa.array([df[s] for s in stems], pa.int64())})
+    # One more row, with a null stem: the block's count of training documents (so the driver learns the split's
+    # size from this same pass, without reading the corpus again).
+    return pa.table({"stem": pa.array([*stems, None], pa.string()),
+                     "count": pa.array([*(counts[s] for s in stems), n], pa.int64()),
+                     "df": pa.array([*(df[s] for s in stems), 0], pa.int64())})
 
 
 @dataclass
@@ -203,7 +233,7 @@ class StreamedData:
         name = "val" if "val" in ds else "train"
         rows = ds[name].take_batch(n, batch_format="numpy")
         split = self.val if name == "val" else self.train
-        return ArrayDataset(split.name, name, np.array(rows["x"], np.float32), None, None, split.kind, None,
+        return ArrayDataset(split.name, name, np.asarray(as_float(rows["x"]), np.float32), None, None, split.kind, None,
                             dict(split.preprocessing))
 
 
@@ -257,8 +287,8 @@ def _row_count(spec: str) -> int:
     """Rows of a user corpus from metadata and listings (JSONL: its lines)."""
     root = Path(spec)
     if root.is_dir():
-        rels = [r for r in _list_files(root) if _kind_of(r)]
-        if rels and _kind_of(rels[0]) == "parquet":
+        kind, rels = classify_folder(root)
+        if kind == "parquet":
             return sum(pq.ParquetFile(root / r).metadata.num_rows for r in rels)
         return len(rels)
     if root.suffix.lower() == ".parquet":
@@ -286,13 +316,15 @@ def open_streamed(spec: str, val_size: int | float | None = None, *, vocab_size:
         stems = source.dataset(pa.array([], pa.string())).map_batches(
             _count_stems, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"fraction": fraction, "vocab_size": vocab_size, "weighting": weighting})
+        n_train = 0
         for b in stems.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if not b.num_rows:
-                continue
-            counts.update(dict(zip(b["stem"].to_pylist(), b["count"].to_pylist())))
-            df.update(dict(zip(b["stem"].to_pylist(), b["df"].to_pylist())))
+            for stem, c, d in zip(b["stem"].to_pylist(), b["count"].to_pylist(), b["df"].to_pylist()):
+                if stem is None:  # the block's training documents (see _count_stems)
+                    n_train += c
+                else:
+                    counts[stem] += c
+                    df[stem] += d
         vec = Vectoriser(vocab_size, weighting)
-        n_train = _train_docs(spec, source, fraction)
         vec.fit_counts(counts, df, n_train)
         shape = (len(vec.vocabulary),)
         source.prep = Prep("text", shape)
@@ -333,20 +365,3 @@ def _ids(source) -> Any:
             n = pf.metadata.num_rows
             for a in range(0, n, 1 << 16):
                 yield [f"{prefix}{i}" for i in range(a, min(n, a + (1 << 16)))]
-
-
-def _train_docs(spec: str, source, fraction: float) -> int:
-    """Training documents of a text corpus: ids are read (JSONL: parsed a line at a time) without the texts
-    being kept."""
-    from raeflow.data.readers import read_jsonl
-    from raeflow.data.sources import FolderSource, JsonlSource
-
-    if isinstance(source, FolderSource):
-        return int((~in_validation(source.files, fraction)).sum())
-    if isinstance(source, JsonlSource):
-        n = 0
-        for block in read_jsonl(pa.table({"path": [str(source.path)]}), text_field=source.text_field,
-                                id_field=source.id_field, label_field=None, done=None):
-            n += int((~in_validation(block.column(ID).to_pylist(), fraction)).sum())
-        return n
-    return sum(int((~in_validation(chunk, fraction)).sum()) for chunk in _ids(source))

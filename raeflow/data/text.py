@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import snowballstemmer
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from raeflow.data.core import RawSplit, check_budget, register_dataset
 from raeflow.errors import InputError, MissingFileError
@@ -138,6 +137,9 @@ class Vectoriser:
             raise InputError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.vocab_size = vocab_size
         self.weighting = weighting
+        # scikit-learn's list, imported here: at module level every Ray Data task process would load sklearn
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
         self.stop_words: frozenset[str] = frozenset(ENGLISH_STOP_WORDS)
         self.vocabulary: list[str] | None = None
         self.idf: np.ndarray | None = None  # float64 (V,), only for tfidf

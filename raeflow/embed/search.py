@@ -81,7 +81,7 @@ def encode_query(encoder, query: str) -> tuple[np.ndarray, str]:
     p = Path(query)
     if encoder.kind == "image":
         if p.is_file():
-            from raeflow.data.user import decode_image
+            from raeflow.data.decode import decode_image
 
             x = decode_image(p.read_bytes(), tuple(encoder.input_shape[1:]), encoder.artifact.input.mode, str(p))
             return encoder.encode_array(x[None])[0], f"image {p}"
@@ -106,14 +106,17 @@ def encode_query(encoder, query: str) -> tuple[np.ndarray, str]:
 
 
 def _builtin_row(query: str, datasets: dict) -> tuple[Any, str] | None:
-    parts = query.split(":")
-    if len(parts) != 3 or parts[0] not in datasets or not parts[2].isdigit():
+    from raeflow.data.catalog import builtin_split, parse_spec
+
+    head, _, index = query.rpartition(":")
+    name, split = parse_spec(head)
+    if split is None or name not in datasets or not index.isdigit():
         return None
-    name, split, i = parts[0], parts[1], int(parts[2])
-    ds = datasets[name]
-    if split not in ds.splits:
-        raise InputError(f"--query {query}: dataset {name!r} has no split {split!r}; it has {list(ds.splits)}")
-    raw = ds.load(split)
+    i = int(index)
+    try:
+        raw = builtin_split(name, split).load(split)
+    except InputError as e:
+        raise InputError(f"--query {query}: {e}") from None
     if i >= len(raw.x):
         raise InputError(f"--query {query}: {name}:{split} has {len(raw.x)} rows")
     label = None if raw.y is None or raw.classes is None else raw.classes[int(raw.y[i])]

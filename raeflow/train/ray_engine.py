@@ -51,7 +51,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, SparseRows, TrainingData
-from raeflow.data.stream import StreamedData, in_memory_bytes
+from raeflow.data.stream import StreamedData, as_float, in_memory_bytes
 from raeflow.registry import build_model
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -269,8 +269,10 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         "n_train": len(data.train), "sparse": isinstance(getattr(data.train, "x", None), SparseRows), "relay": relay_q, "use_gpu": bool(cfg.ray.gpu),
         "_fail_at_epoch": int(fail_at) if fail_at else None, "_fail_marker": os.environ.get(FAIL_MARKER_ENV),
     }
-    # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share).
-    split = ["train", "val"] if mode == "stream" else ["train"]
+    # Train is split by Ray Data; validation too when streamed (materialised, each worker slices its share). One
+    # worker splits nothing: Ray Data would start a SplitCoordinator actor (600 MiB PSS measured streaming, Ray
+    # 2.60) to hand every row to the only worker, which now runs the read pipeline itself.
+    split = [] if workers == 1 else ["train", "val"] if mode == "stream" else ["train"]
     from raeflow.train.rendezvous import NodeLocalTorchConfig
 
     trainer = TorchTrainer(
@@ -387,7 +389,7 @@ class _StreamBatches:
             return
         for b in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, device="cpu",
                                                **shuffle):
-            yield b["x"].reshape(-1, *self.shape), b.get("y")
+            yield as_float(b["x"]).reshape(-1, *self.shape), b.get("y")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
