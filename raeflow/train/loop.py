@@ -24,6 +24,31 @@ from raeflow.errors import ConfigError
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # (x (B, *input_shape), y (B,) or None)
 
 
+def window_shuffled(windows: Iterable[Batch], batch_size: int, *, seed: int | None, drop_last: bool) -> Iterator[Batch]:
+    """Batches of ``batch_size`` rows from a stream of larger windows, each window's rows in a seeded random order
+    (none with ``seed=None``); rows left over from one window lead the next, so every batch but the last is full.
+
+    A streamed shard's shuffle, done in the worker: one permutation per window of a few thousand rows. Ray Data's
+    ``local_shuffle_buffer_size`` does the same job per batch, and cost 10-15% of a streamed epoch here (a dense AE
+    on 2 cores: 1,581-1,715 samples/s with it, 1,897 without).
+    """
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    carry: Batch | None = None
+    for x, y in windows:
+        if gen is not None:
+            order = torch.randperm(len(x), generator=gen)
+            x, y = x[order], (None if y is None else y[order])
+        if carry is not None:
+            x = torch.cat([carry[0], x])
+            y = None if y is None else torch.cat([carry[1], y])
+        full = len(x) // batch_size * batch_size
+        for a in range(0, full, batch_size):
+            yield x[a:a + batch_size], (None if y is None else y[a:a + batch_size])
+        carry = (x[full:], None if y is None else y[full:]) if full < len(x) else None
+    if carry is not None and not drop_last:
+        yield carry
+
+
 class TensorBatches:
     """Shuffled mini-batches of in-memory tensors, this worker's ``1/world`` share of each epoch.
 

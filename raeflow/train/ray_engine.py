@@ -53,7 +53,7 @@ from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, SparseRows, TrainingData
 from raeflow.data.stream import StreamedData, as_float, in_memory_bytes
 from raeflow.registry import build_model
-from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
+from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value, window_shuffled
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
 from raeflow.errors import InputError, MissingFileError
@@ -381,15 +381,20 @@ class _StreamBatches:
         shuffle = dict(local_shuffle_buffer_size=None if self.shuffle_seed is None or not self.buffer_batches
                        else self.buffer_batches * self.batch_size,
                        local_shuffle_seed=self.shuffle_seed)
-        if self.sparse:  # list columns cannot become tensors: densify each batch here
+        if self.sparse:  # list columns cannot become tensors: densify each batch here (Ray shuffles the rows)
             for b in self.shard.iter_batches(batch_size=self.batch_size, drop_last=self.drop_last,
                                              batch_format="pyarrow", **shuffle):
                 x = torch.from_numpy(sparse_rows(b["xi"], b["xv"], int(self.shape[0]))[:])
                 yield x, (torch.tensor(b["y"].to_numpy()) if "y" in b.column_names else None)
             return
-        for b in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, device="cpu",
-                                               **shuffle):
-            yield as_float(b["x"]).reshape(-1, *self.shape), b.get("y")
+        # Dense rows: read in windows of buffer_batches batches and shuffled here (window_shuffled), not by Ray
+        # Data's local shuffle buffer; still uint8 until each batch is scaled.
+        shuffled = self.shuffle_seed is not None and self.buffer_batches > 0
+        window = self.batch_size * (self.buffer_batches if shuffled else 1)
+        windows = ((b["x"], b.get("y")) for b in self.shard.iter_torch_batches(batch_size=window, device="cpu"))
+        for x, y in window_shuffled(windows, self.batch_size, seed=self.shuffle_seed if shuffled else None,
+                                    drop_last=self.drop_last):
+            yield as_float(x).reshape(-1, *self.shape), y
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
