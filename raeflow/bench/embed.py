@@ -113,11 +113,30 @@ class MemorySampler:
         self.interval = interval
         self.peak_pss = self.peak_rss = self.max_processes = 0
         self.peak_by: dict[str, int] = {}  # process title -> PSS MiB at the peak
+        # CPU seconds per process as last seen: Ray's workers are not our children, so once they exit their CPU
+        # time is in no rusage we can read; sampling keeps all but their last interval's.
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this process and every descendant seen while the block ran (sampled)."""
+        return sum(self._cpu.values())
+
+    def _sample_cpu(self) -> None:
+        import psutil
+
+        for p in _tree(os.getpid()):
+            try:
+                t = p.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            self._cpu[p.pid] = t.user + t.system
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._sample_cpu()
             m = tree_memory(by_process=True)
             if m["pss"] > self.peak_pss:
                 self.peak_by = {k: round(v / MiB) for k, v in sorted(m["by"].items(), key=lambda kv: -kv[1])}
@@ -127,12 +146,14 @@ class MemorySampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "MemorySampler":
+        self._sample_cpu()  # the baseline, before the block starts anything
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample_cpu()
 
 
 # ------------------------------------------------------------------------------------------ inputs

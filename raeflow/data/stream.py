@@ -119,7 +119,7 @@ def train_rows(batch: pa.Table, *, val: bool, fraction: float, shape: tuple[int,
 
 
 class TrainRows:
-    """One block of a source's rows -> the training rows of one split: ``{"x": (N, *shape) float32}``.
+    """One block of a source's rows -> the training rows of one split: ``{"x": (N, *shape)}``, uint8 or float32.
 
     A row with an error stops training with that row's message (the in-memory read refuses a bad file the same
     way: one rule for both paths). Rows are kept when :func:`in_validation` of their id says ``val``; documents
