@@ -19,6 +19,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         workdir: Path = typer.Option(Path("runs/bench-stream"), "--workdir", help="Corpora (written once, reused) "
                                                                                  "and run directories."),
         output: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
+        memory_only: bool = typer.Option(False, "--memory-only", help="Streamed sides only (--rows and "
+                                                                      "--large-rows): memory at scale, no ratio."),
     ):
         """One epoch of the dense AE streamed by Ray Data vs read into memory, and peak PSS of all processes."""
         from raeflow.bench.stream import run_bench
@@ -26,7 +28,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             report = run_bench(rows=rows, large_rows=large_rows or None, workers=workers, batch_size=batch_size,
-                               workdir=workdir, log=typer.echo)
+                               workdir=workdir, memory_only=memory_only, log=typer.echo)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if output:

@@ -59,6 +59,8 @@ def test_train_rows_split_scale_and_refuse_bad_rows():
 
     t = as_float(torch.from_numpy(val))
     assert t.dtype == torch.float32 and torch.allclose(t.reshape(-1, 4), torch.from_numpy(x[held] / 255.0).float())
+    none = TrainRows(val=True, fraction=0.0, shape=(1, 2, 2))(block)["x"]  # no row of this block is held out
+    assert none.shape == (0, 1, 2, 2)
     bad = block.set_column(1, ERROR, pa.array([None] * 199 + ["r199: not a readable image"], pa.string()))
     with pytest.raises(InputError, match="r199: not a readable image"):
         TrainRows(val=False, fraction=0.25, shape=(1, 2, 2))(bad)

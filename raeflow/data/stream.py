@@ -145,7 +145,9 @@ class TrainRows:
                 np.zeros((0, *self.shape), np.float32)
         else:
             col = rows.column(X).combine_chunks()
-            flat = col.flatten().to_numpy(zero_copy_only=False).reshape(rows.num_rows, -1)
+            # Width from the shape, not -1: a block with no row in this split (common at a small validation
+            # fraction) has 0 values, which reshape(0, -1) refuses.
+            flat = col.flatten().to_numpy(zero_copy_only=False).reshape(rows.num_rows, int(np.prod(self.shape)))
             x = flat if flat.dtype == np.uint8 else flat.astype(np.float32)
         return {"x": x.reshape(len(x), *self.shape)}
 
