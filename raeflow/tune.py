@@ -202,8 +202,10 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
     try:
         sched = None
         if scheduler == "asha":
-            # One training iteration = one epoch; rungs at grace, grace*2, ... up to the full plan.
-            sched = ASHAScheduler(time_attr="training_iteration", max_t=planned, grace_period=grace_epochs,
+            # One training iteration = one epoch; rungs at grace, grace*2, ... up to the full plan. max_t one past
+            # the plan: at max_t ASHA stops the trial itself, which would cut a finished run off after its last
+            # report and before it saves its model (found on a 30-epoch search: the best trial had no model/).
+            sched = ASHAScheduler(time_attr="training_iteration", max_t=planned + 1, grace_period=grace_epochs,
                                   reduction_factor=2)
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, root=str(out), metric=metric),
                                         {"cpu": cpus_per_trial})

@@ -78,3 +78,5 @@ def test_asha_stops_poor_trials_early(ray_local, tmp_path):
     stopped = [lr for lr, r in by_lr.items() if r.stopped_early]
     assert len(stopped) >= 2 and 1e-2 not in stopped, {lr: r.epochs for lr, r in by_lr.items()}
     assert all(r.planned == 4 for r in res.rows)
+    # A trial that ran its whole plan finished as an ordinary run, model saved (not cut off after its last report).
+    assert (tmp_path / "asha" / "trials" / res.best.trial / "model" / "config.json").is_file()
