@@ -26,7 +26,8 @@ class DataConfig:
     # driver never holds it); smaller ones are read once into memory, which is faster. Built-ins: memory.
     read: str = "auto"
     # Streamed training's shuffle, seeded by train.seed: the files / row groups are read in a new order each epoch,
-    # and each worker mixes rows over a buffer of this many batches (rows of a block arrive together otherwise).
+    # and each worker permutes windows of this many batches (rows of a block arrive together otherwise). Dense rows
+    # only; documents use Ray Data's local shuffle buffer of the same size.
     shuffle_buffer: int = 20
 
 
