@@ -39,7 +39,7 @@ from raeflow.data.readers import (BLOCK_ROWS, PATHS_PER_BLOCK, SUPPORTED, Prep, 
 from raeflow.errors import InputError, MissingFileError
 
 
-#: No committed rows: a fresh read.
+#: No committed rows: a fresh read (an immutable Arrow array, safe as a default argument).
 _NONE = pa.array([], pa.string())
 
 
@@ -64,7 +64,7 @@ class Source:
     def todo(self, done: pa.Array) -> int | None:
         return None if self.total is None else self.total - len(done)
 
-    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:  # pragma: no cover - abstract
+    def blocks(self, done: pa.Array = _NONE) -> Iterator[pa.Table]:  # pragma: no cover - abstract
         """The same rows as :meth:`dataset`, read here in this process by the same plain readers (no Ray): the
         in-memory read of a small corpus."""
         raise NotImplementedError
@@ -117,8 +117,8 @@ class FolderSource(Source):
             return functools.partial(decode_image_files, root=str(self.root), prep=self.prep, labelled=self.labelled)
         return functools.partial(read_text_files, root=str(self.root), labelled=self.labelled)
 
-    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
-        paths = self.pending(_NONE if done is None else done)
+    def blocks(self, done: pa.Array = _NONE) -> Iterator[pa.Table]:
+        paths = self.pending(done)
         for a in range(0, len(paths), PATHS_PER_BLOCK):
             yield self._read_block()(pa.table({"path": pa.array(paths[a:a + PATHS_PER_BLOCK], pa.string())}))
 
@@ -156,8 +156,8 @@ class BuiltinSource(Source):
                              f"{self.prep.input_shape}: embed a dataset of the model's shape")
         return rows_table(ids, labels, [None] * len(rows), x=x[rows].reshape(len(rows), -1))
 
-    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
-        yield from self._table(_NONE if done is None else done).to_batches(BLOCK_ROWS)
+    def blocks(self, done: pa.Array = _NONE) -> Iterator[pa.Table]:
+        yield from self._table(done).to_batches(BLOCK_ROWS)
 
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         return _from_arrow_chunks(self._table(done), BLOCK_ROWS, shuffle_seed)
@@ -200,8 +200,8 @@ class ParquetSource(Source):
                 "label_column": self.label_column, "prep": self.prep, "kind": self.kind,
                 "x_dtype": self.x_dtype, "done": done}
 
-    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
-        yield from read_parquet_units(self.units(), **self.read_kwargs(_NONE if done is None else done))
+    def blocks(self, done: pa.Array = _NONE) -> Iterator[pa.Table]:
+        yield from read_parquet_units(self.units(), **self.read_kwargs(done))
 
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):
         import ray
@@ -228,8 +228,8 @@ class JsonlSource(Source):
         return {"text_field": self.text_field, "id_field": self.id_field, "label_field": self.label_field,
                 "done": done}
 
-    def blocks(self, done: pa.Array | None = None) -> Iterator[pa.Table]:
-        yield from read_jsonl(pa.table({"path": [str(self.path)]}), **self._kwargs(_NONE if done is None else done))
+    def blocks(self, done: pa.Array = _NONE) -> Iterator[pa.Table]:
+        yield from read_jsonl(pa.table({"path": [str(self.path)]}), **self._kwargs(done))
 
     def dataset(self, done: pa.Array, shuffle_seed: int | None = None):  # one file: one unit, nothing to shuffle
         import ray
