@@ -28,6 +28,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms"),
         max_ongoing_requests: int = typer.Option(64, "--max-ongoing-requests"),
         timeout_s: float = typer.Option(300, "--timeout", help="Wall-clock cap per run, seconds."),
+        body: str = typer.Option("json", "--body", help="json: one image per request as JSON; npy: --batch images "
+                                                        "per request as one .npy body (Content-Type "
+                                                        "application/x-npy), answered as .npy."),
+        batch: int = typer.Option(1, "--batch", help="Images per request with --body npy."),
         output: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
     ):
         """/denoise requests/s and p50/p99 latency: Ray Serve with batching against a plain uvicorn server."""
@@ -40,7 +44,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             models = list(model) or ensure_models(workdir, typer.echo)
             report = run(models, requests=requests, concurrencies=concurrency, modes=mode, warmup=warmup,
                          threads=threads, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                         max_ongoing_requests=max_ongoing_requests, timeout_s=timeout_s, log=typer.echo)
+                         max_ongoing_requests=max_ongoing_requests, timeout_s=timeout_s, body=body, batch=batch,
+                         log=typer.echo)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo("\n" + report["machine"] + "\n\n" + markdown(report))

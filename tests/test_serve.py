@@ -202,6 +202,124 @@ def test_search_matches_indexes_to_their_model(dae, vae, serve_index, digits):
         search_index(indexes, vae, codes, 4, None)
 
 
+# ------------------------------------------------------------------- binary (.npy) batches, plain app, no Ray
+NPY = "application/x-npy"
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def npy_array(body: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)
+
+
+@pytest.fixture(scope="module")
+def plain_client(serve_models, serve_index):
+    """The plain FastAPI app (no Ray) over its own services, the DAE with the digits index."""
+    from fastapi.testclient import TestClient
+
+    from raeflow.serve.api import DirectBackend, build_app
+    from raeflow.serve.search import load_indexes
+
+    services = {n: ModelService.load(serve_models[n]) for n in ("dae", "vae2d")}
+    load_indexes([{"name": "digits", "path": serve_index}], services)
+    with TestClient(build_app(DirectBackend(services))) as c:
+        yield c
+
+
+def test_npy_batch_answers_what_json_answers(plain_client, digits):
+    x = noisy(digits[:32], seed=3).astype(np.float32)
+    js = np.asarray(plain_client.post("/dae/denoise", json={"images": x.tolist()}).json()["images"])
+    r = plain_client.post("/dae/denoise", content=npy_bytes(x), headers={"content-type": NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == NPY
+    y = npy_array(r.content)
+    assert y.dtype == np.float32 and y.shape == (32, 1, 8, 8)  # exact float32, the model's full shape
+    np.testing.assert_allclose(y[:, 0], js, atol=1e-6)  # JSON rounds to 6 decimals
+    # uint8 pixels are bytes / 255, as training reads them; the channel axis may be sent.
+    u8 = np.rint(x * 255).astype(np.uint8)[:, None]
+    y8 = npy_array(plain_client.post("/dae/denoise", content=npy_bytes(u8), headers={"content-type": NPY}).content)
+    y8_ref = npy_array(plain_client.post("/dae/denoise", content=npy_bytes(u8 / np.float32(255)),
+                                         headers={"content-type": NPY}).content)
+    np.testing.assert_allclose(y8, y8_ref, atol=1e-6)
+    # Accept: application/json -> the JSON answer of the same batch.
+    r = plain_client.post("/dae/denoise", content=npy_bytes(x),
+                          headers={"content-type": NPY, "accept": "application/json"})
+    assert r.headers["content-type"] == "application/json"
+    np.testing.assert_allclose(np.asarray(r.json()["images"]), js, atol=0)
+    codes = npy_array(plain_client.post("/vae2d/encode", content=npy_bytes(digits[:5]),
+                                        headers={"content-type": NPY}).content)
+    want = plain_client.post("/vae2d/encode", json={"images": digits[:5].tolist()}).json()["codes"]
+    assert codes.shape == (5, 2)
+    np.testing.assert_allclose(codes, want, atol=1e-6)
+
+
+def test_npy_search_takes_options_from_the_query(plain_client, digits):
+    r = plain_client.post("/dae/search?k=2", content=npy_bytes(digits[:3]), headers={"content-type": NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"  # neighbours: structured
+    assert [h[0]["id"] for h in r.json()["results"]] == [f"digits:test:{i}" for i in range(3)]
+    assert all(len(h) == 2 for h in r.json()["results"])
+
+
+@pytest.mark.parametrize("body, query, headers, status, words", [
+    (b"PK\x03\x04 not npy", "", {}, 422, "not a .npy body"),
+    ("object", "", {}, 422, "dtype object"),
+    ("int64", "", {}, 422, "dtype int64"),
+    ("short", "", {}, 422, "the body holds"),
+    ("wide", "", {}, 422, "does not fit model 'dae'"),
+    ("many", "", {}, 422, "1..256 items"),
+    ("range", "", {}, 422, "[0, 1]"),
+    ("nan", "", {}, 422, "NaN"),
+    ("ok", "?images=1", {}, 422, "are its body"),
+    ("ok", "?steps=3", {}, 422, "steps"),
+    ("ok", "?grid=true", {}, 422, "grid"),
+    ("ok", "", {"accept": NPY}, 200, ""),
+])
+def test_npy_bad_batches_are_clear_4xx(plain_client, body, query, headers, status, words):
+    arrays = {"object": np.array([None, {"a": 1}], dtype=object), "int64": np.zeros((1, 8, 8), np.int64),
+              "wide": np.zeros((2, 9, 9), np.float32), "many": np.zeros((257, 8, 8), np.uint8),
+              "range": np.full((1, 8, 8), 1.5, np.float32), "nan": np.full((1, 8, 8), np.nan, np.float32),
+              "ok": np.zeros((2, 8, 8), np.float32)}
+    if isinstance(body, str) and body == "short":
+        content = npy_bytes(np.zeros((4, 8, 8), np.float32))[:-10]
+    elif isinstance(body, str):
+        a = arrays[body]
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=True)  # the object array pickles: the server must refuse, never unpickle
+        content = buf.getvalue()
+    else:
+        content = body
+    r = plain_client.post(f"/dae/denoise{query}", content=content, headers={"content-type": NPY, **headers})
+    assert r.status_code == status, r.text
+    if words:
+        assert words in r.json()["error"], r.json()
+
+
+def test_npy_negotiation_and_routes(plain_client, digits):
+    x = npy_bytes(digits[:2])
+    r = plain_client.post("/vae2d/generate", content=x, headers={"content-type": NPY})
+    assert r.status_code == 415 and "/denoise" in r.json()["error"] and "JSON body only" in r.json()["error"]
+    r = plain_client.post("/dae/search", content=x, headers={"content-type": NPY, "accept": NPY})
+    assert r.status_code == 406 and "answers JSON" in r.json()["error"]  # neighbours are not one array
+    r = plain_client.post("/nope/denoise", content=x, headers={"content-type": NPY})
+    assert r.status_code == 404 and "unknown model" in r.json()["error"]
+    r = plain_client.post("/dae/generate", content=x, headers={"content-type": NPY})
+    assert r.status_code == 415
+    r = plain_client.post("/vae2d/denoise", content=x, headers={"content-type": NPY})
+    assert r.status_code == 404 and "denoiser" in r.json()["error"]
+    # The body limit holds for binary bodies too.
+    big = b"\x93NUMPY" + b" " * (MAX_BODY_BYTES + 1)
+    r = plain_client.post("/dae/denoise", content=big, headers={"content-type": NPY})
+    assert r.status_code == 413
+    spec = plain_client.get("/openapi.json").json()["paths"]
+    assert NPY in spec["/{model}/denoise"]["post"]["requestBody"]["content"]
+    assert "application/json" in spec["/{model}/denoise"]["post"]["requestBody"]["content"]
+    assert NPY in spec["/{model}/denoise"]["post"]["responses"]["200"]["content"]
+    assert NPY not in spec["/{model}/generate"]["post"]["requestBody"]["content"]
+
+
 # ----------------------------------------------------------------------------- Ray Serve, over real HTTP
 @pytest.fixture(scope="module")
 def http(serve_url):
@@ -236,6 +354,16 @@ def test_http_denoise_lowers_error(http, digits):
     ys = np.stack([png_array(s) for s in r.json()["images"]])
     assert ys.shape == (16, 8, 8) and np.abs(ys - y[:16]).max() < 0.02
     assert png_array(r.json()["grid"]).shape == (4 * 9 - 1, 4 * 9 - 1)
+
+
+@pytest.mark.ray
+def test_http_npy_batch_through_the_batched_replica(http, digits):
+    """A .npy batch through Serve's replica (its batched model calls): the same answer as the JSON request."""
+    x = noisy(digits, seed=2).astype(np.float32)
+    r = http.post("/dae/denoise", content=npy_bytes(x), headers={"content-type": NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == NPY
+    js = np.asarray(http.post("/dae/denoise", json={"images": x.tolist()}).json()["images"])
+    np.testing.assert_allclose(npy_array(r.content)[:, 0], js, atol=1e-6)
 
 
 @pytest.mark.ray

@@ -51,8 +51,8 @@ class LoadResult:
     server_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+def _request_bytes(host: str, port: int, path: str, body: bytes, content_type: str = "application/json") -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
     return head.encode() + body
 
@@ -86,8 +86,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 
 
 async def _load(host: str, port: int, path: str, bodies: Sequence[bytes], total: int, concurrency: int,
-                timeout_s: float, check: Callable[[bytes], str | None]) -> tuple[list[float], dict, list[str], float]:
-    requests = [_request_bytes(host, port, path, b) for b in bodies]
+                timeout_s: float, check: Callable[[bytes], str | None], content_type: str = "application/json"
+                ) -> tuple[list[float], dict, list[str], float]:
+    requests = [_request_bytes(host, port, path, b, content_type) for b in bodies]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors: list[str] = []
@@ -139,7 +140,7 @@ async def _load(host: str, port: int, path: str, bodies: Sequence[bytes], total:
 
 def run_load(url: str, path: str, bodies: Sequence[bytes], total: int, concurrency: int, *, label: str = "",
              timeout_s: float = 300, check: Callable[[bytes], str | None] = lambda b: None,
-             processes: dict[str, int] | None = None) -> LoadResult:
+             processes: dict[str, int] | None = None, content_type: str = "application/json") -> LoadResult:
     """``total`` POSTs of ``bodies`` (cycled) to url+path from ``concurrency`` keep-alive clients."""
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     procs = {"client": os.getpid(), **(processes or {})}
@@ -151,7 +152,7 @@ def run_load(url: str, path: str, bodies: Sequence[bytes], total: int, concurren
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     lat, statuses, errors, wall = runner(_load(host, int(port), path, bodies, total, concurrency, timeout_s,
-                                               check))
+                                               check, content_type))
     cpu = {k: round(cpu_seconds(p) - cpu0[k], 3) for k, p in procs.items()}
     ok = statuses.get("200", 0) - statuses.get("bad_answer", 0)
     sent = sum(v for k, v in statuses.items() if k != "bad_answer")  # fewer than total if timeout_s cut the run
@@ -249,13 +250,47 @@ def denoise_bodies(shape: Sequence[int], n: int = 64, level: float = 0.25, seed:
     return [json.dumps({"images": [np.round(img, 3).tolist()]}, separators=(",", ":")).encode() for img in sq]
 
 
+def npy_bodies(shape: Sequence[int], batch: int, n: int = 16, level: float = 0.25, seed: int = 0) -> list[bytes]:
+    """``n`` binary /denoise bodies, each one ``.npy`` of ``batch`` noisy test digits, float32 (batch, H, W)."""
+    import io
+
+    clean = clean_images(shape, n * batch)
+    rng = np.random.default_rng(seed)
+    noisy = np.where(rng.random(clean.shape) < level, 0.0, clean).astype(np.float32)
+    sq = noisy[:, 0] if shape[0] == 1 else noisy
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        np.save(buf, sq[i * batch:(i + 1) * batch])
+        out.append(buf.getvalue())
+    return out
+
+
+def npy_answer_check(shape: Sequence[int], batch: int) -> Callable[[bytes], str | None]:
+    import io
+
+    def check(body: bytes) -> str | None:
+        try:
+            imgs = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            return f"unparseable .npy answer: {e}"
+        if imgs.shape != (batch, *shape):
+            return f"answer of shape {imgs.shape}, expected {(batch, *shape)}"
+        if not (np.isfinite(imgs).all() and imgs.min() >= 0 and imgs.max() <= 1):
+            return "answer values outside [0, 1]"
+        return None
+
+    return check
+
+
 def clean_images(shape: Sequence[int], n: int) -> np.ndarray:
     from raeflow.data import load_eval_data
 
     name = {(1, 28, 28): "mnist", (1, 8, 8): "digits"}.get(tuple(shape))
     if name is None:
         raise InputError(f"bench serve has test images for 1x28x28 (mnist) and 1x8x8 (digits) models, not {shape}")
-    return load_eval_data(name).x[:n].astype(np.float64)
+    x = load_eval_data(name).x
+    return np.concatenate([x] * -(-n // len(x)))[:n].astype(np.float64)  # cycled when n exceeds the test set
 
 
 def answer_check(shape: Sequence[int]) -> Callable[[bytes], str | None]:
@@ -356,43 +391,61 @@ def start_serve(models: Sequence[str], mode: str, options: dict[str, Any], workd
 def bench_serve(models: Sequence[str], *, requests: int = 5000, concurrencies: Sequence[int] = (1, 8, 32),
                 modes: Sequence[str] = MODES, warmup: int = 200, threads: int = 1, max_batch_size: int = 32,
                 batch_wait_ms: float = 5.0, max_ongoing_requests: int = 64, timeout_s: float = 300,
-                workdir: Path | None = None, log: Log = print) -> dict[str, Any]:
-    """Load each model's /denoise on the plain server and on Ray Serve (each mode); return every figure."""
+                body: str = "json", batch: int = 1, workdir: Path | None = None, log: Log = print) -> dict[str, Any]:
+    """Load each model's /denoise on the plain server and on Ray Serve (each mode); return every figure.
+
+    ``body="json"``: one image per request as JSON (``batch`` must be 1); ``body="npy"``: ``batch`` images per
+    request as one ``.npy`` body, answered as ``.npy``. The plain server runs first and, when other servers
+    were loaded, again last: a ratio is taken against both plain runs of the same bench, never against a
+    figure from another run."""
     import tempfile
 
+    from raeflow.serve.codec import NPY
     from raeflow.serve.run import terminate
     from raeflow.serve.service import ModelService
 
     unknown = set(modes) - set(MODES)
     if unknown:
         raise InputError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if body not in ("json", "npy") or batch < 1 or (body == "json" and batch != 1):
+        raise InputError("--body json sends one image per request (--batch 1); --body npy sends --batch images")
     options = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_ms / 1000,
                "max_ongoing_requests": max_ongoing_requests, "threads": threads}
     report: dict[str, Any] = {"machine": machine(), "requests": requests, "concurrency": list(concurrencies),
                               "modes": list(modes), "options": {**options, "torch_threads": threads},
-                              "models": {}}
+                              "body": body, "images_per_request": batch, "models": {}}
+    content_type = NPY if body == "npy" else "application/json"
     loads = {}
     for m in models:
         svc = ModelService.load(m)
         svc.require("denoise")
-        loads[svc.name] = (denoise_bodies(svc.input_shape), answer_check(svc.input_shape), svc.describe())
+        if body == "npy":
+            work = (npy_bodies(svc.input_shape, batch), npy_answer_check(svc.input_shape, batch))
+        else:
+            work = (denoise_bodies(svc.input_shape), answer_check(svc.input_shape))
+        loads[svc.name] = (*work, svc.describe())
 
     def run_all(label: str, url: str, procs: Callable[[], dict[str, int]]) -> None:
         for name, (bodies, check, desc) in loads.items():
             path = f"/{name}/denoise"
-            run_load(url, path, bodies, warmup, 8, label="warmup", check=check)  # allocate, warm caches
+            run_load(url, path, bodies, warmup, 8, label="warmup", check=check,  # allocate, warm caches
+                     content_type=content_type)
             for c in concurrencies:
                 before = _get_stats(url)
                 r = run_load(url, path, bodies, requests, c, label=label, timeout_s=timeout_s, check=check,
-                             processes=procs())
+                             processes=procs(), content_type=content_type)
                 r.server_stats = stats_delta(before, _get_stats(url))
                 entry = report["models"].setdefault(name, {"model": desc, "runs": []})
                 entry["runs"].append(asdict(r))
-                log(f"{label:<6} {name:<12} c={c:<3} {r.rps:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 "
-                    f"{r.p99_ms:7.2f} ms  failed {r.failed}  cpu {r.cpu_s}")
+                log(f"{label:<6} {name:<12} c={c:<3} {r.rps:8.1f} req/s ({r.rps * batch:8.0f} images/s)  p50 "
+                    f"{r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  failed {r.failed}  cpu {r.cpu_s}")
 
+    # The plain server first and last: the yardstick measured on both sides of the others, in this run.
+    order = list(modes) + (["plain"] if "plain" in modes and len(set(modes)) > 1 else [])
+    report["load_average"] = {}
     with tempfile.TemporaryDirectory(prefix="raeflow-bench-serve-", dir=workdir) as tmp:
-        for mode in modes:  # one server at a time, so none shares the CPU with another's idle processes
+        for mode in order:  # one server at a time, so none shares the CPU with another's idle processes
+            report["load_average"].setdefault(mode, []).append(round(os.getloadavg()[0], 2))
             if mode == "plain":
                 port = free_port()
                 proc = start_plain(models, port, threads, log)
@@ -410,25 +463,26 @@ def bench_serve(models: Sequence[str], *, requests: int = 5000, concurrencies: S
 
 
 def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (model, concurrency, mode) with the ratio to the plain server and the CPU per request."""
+    """One row per (model, concurrency, mode) with the ratio to the plain server (the mean of its runs in this
+    report: first and last) and the CPU per request. No plain run at that concurrency: no ratio (None)."""
     rows = []
+    per = int(report.get("images_per_request", 1))
     for name, m in report["models"].items():
-        by = {(r["label"], r["concurrency"]): r for r in m["runs"]}
         for c in report["concurrency"]:
-            plain = by.get(("plain", c))
-            for mode in report["modes"]:
-                r = by.get((mode, c))
-                if r is None:
-                    continue
-                st = r.get("server_stats") or {}
-                done = max(1, r["ok"])
-                rows.append({"model": name, "concurrency": c, "mode": mode, "rps": r["rps"],
-                             "vs_plain": round(r["rps"] / plain["rps"], 2) if plain and plain["rps"] else None,
-                             "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "failed": r["failed"],
-                             "mean_batch": st.get("mean_batch"),
-                             "model_ms_per_request": (round(1e3 * st["model_s"] / max(1, st["requests"]), 3)
-                                                      if st.get("requests") else None),
-                             "cpu_ms_per_request": {k: round(1e3 * v / done, 2) for k, v in r["cpu_s"].items()}})
+            plain = [r["rps"] for r in m["runs"] if r["label"] == "plain" and r["concurrency"] == c]
+            base = sum(plain) / len(plain) if plain and all(plain) else None
+            for mode in dict.fromkeys(report["modes"]):
+                for i, r in enumerate(x for x in m["runs"] if x["label"] == mode and x["concurrency"] == c):
+                    st = r.get("server_stats") or {}
+                    done = max(1, r["ok"])
+                    rows.append({"model": name, "concurrency": c, "mode": mode if i == 0 else f"{mode} (last)",
+                                 "rps": r["rps"], "images_per_s": round(r["rps"] * per, 1),
+                                 "vs_plain": round(r["rps"] / base, 2) if base else None,
+                                 "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "failed": r["failed"],
+                                 "mean_batch": st.get("mean_batch"),
+                                 "model_ms_per_request": (round(1e3 * st["model_s"] / max(1, st["requests"]), 3)
+                                                          if st.get("requests") else None),
+                                 "cpu_ms_per_request": {k: round(1e3 * v / done, 2) for k, v in r["cpu_s"].items()}})
     return rows
 
 
@@ -436,12 +490,15 @@ MODE_NAMES = {"plain": "plain uvicorn", "serve": "Serve (proxy)", "direct": "Ser
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| model | clients | server | req/s | vs plain | p50 ms | p99 ms | mean batch | model ms/req "
-             "| CPU ms/req (process) | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| model | clients | server | req/s | images/s | vs plain | p50 ms | p99 ms | mean batch | model ms/req "
+             "| CPU ms/req (process) | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in report["summary"]:
         cpu = ", ".join(f"{k.replace('serve_', '')} {v:g}" for k, v in r["cpu_ms_per_request"].items())
-        ratio = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['concurrency']} | {MODE_NAMES[r['mode']]} | {r['rps']:.0f} | {ratio} | "
+        # No plain run in this report at this concurrency: no ratio is printed (never one against another run).
+        ratio = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "no plain side"
+        mode, last = r["mode"].removesuffix(" (last)"), r["mode"].endswith(" (last)")
+        lines.append(f"| {r['model']} | {r['concurrency']} | {MODE_NAMES[mode]}{' (last)' if last else ''} | "
+                     f"{r['rps']:.0f} | {r['images_per_s']:.0f} | {ratio} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch'] or '-'} | "
                      f"{r['model_ms_per_request'] if r['model_ms_per_request'] is not None else '-'} | {cpu} | "
                      f"{r['failed']} |")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -20,8 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raeflow.version import __version__
-from raeflow.serve.endpoints import ENDPOINTS, Endpoint, Plan, plan
-from raeflow.serve.errors import ServiceError
+from raeflow.serve.codec import NPY, decode_npy, encode_npy
+from raeflow.serve.endpoints import ENDPOINTS, Endpoint, Plan, parse_request, plan
+from raeflow.serve.errors import ServiceError, bad
 from raeflow.serve.schemas import MAX_BODY_BYTES, MAX_ITEMS, validation_message
 from raeflow.serve.service import ModelService, Stats, run_jobs
 
@@ -142,6 +144,67 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, too_large_message(f"of more than {limit:,} bytes", limit))
 
 
+def _header(scope: Scope, name: bytes) -> str:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return ""
+
+
+def media_types(header: str) -> list[str]:
+    """``'application/x-npy; q=1, */*'`` -> ``['application/x-npy', '*/*']`` (parameters and q-values dropped)."""
+    return [t.split(";", 1)[0].strip().lower() for t in header.split(",") if t.strip()]
+
+
+def wants_npy(accept: str, endpoint: Endpoint) -> bool:
+    """Content negotiation for a binary request: ``.npy`` when the client accepts it and the endpoint answers one
+    array; JSON when the client asks for JSON or the answer is structured (labels, neighbours). No Accept header
+    (or ``*/*``): the same format out as in, where the endpoint can."""
+    types = media_types(accept) or ["*/*"]
+    if NPY in types:
+        if endpoint.array_answer:
+            return True
+        if "application/json" not in types and "*/*" not in types:
+            raise ServiceError(406, f"/{endpoint.name} answers JSON (not one array); send Accept: application/json")
+        return False
+    return endpoint.array_answer and "application/json" not in types
+
+
+class BinaryRequests:
+    """Pure ASGI: ``POST /{model}/{endpoint}`` with ``Content-Type: application/x-npy`` -- a batch of inputs as one
+    ``.npy`` body, request options in the query string -- is answered by ``handle`` without FastAPI's JSON body
+    parsing; every other request goes on to the app. The JSON routes document it (their OpenAPI request body
+    lists both content types)."""
+
+    def __init__(self, app: ASGIApp, handle: Callable[[str, str, bytes, str, str], Awaitable[Response]]):
+        self.app, self.handle = app, handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and \
+                media_types(_header(scope, b"content-type"))[:1] == [NPY]:
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            path = path[len(root):] if root and path.startswith(root) else path
+            parts = path.strip("/").split("/")
+            if len(parts) == 2 and all(parts):
+                chunks = []
+                while True:
+                    msg = await receive()  # BodyLimit (outside) counts these and stops an oversized body
+                    if msg["type"] == "http.disconnect":
+                        return
+                    chunks.append(msg.get("body", b""))
+                    if not msg.get("more_body", False):
+                        break
+                try:
+                    resp = await self.handle(parts[0], parts[1], b"".join(chunks), scope.get("query_string", b"")
+                                             .decode("latin-1"), _header(scope, b"accept"))
+                except ServiceError as e:
+                    resp = error(e.status, e.message)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _json(out: dict[str, Any]) -> Response:
     # Serialise here with orjson (compact, no jsonable_encoder walk over every float): the answers are large nested
     # lists. orjson writes NaN/inf as null; a non-finite number is a broken answer, so it becomes an error instead.
@@ -167,12 +230,33 @@ ROUTES_HELP = ("GET /healthz, GET /models, GET /docs, and POST /{model}/{endpoin
                + ", ".join(MODEL_ENDPOINTS))
 
 
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def binary_docs(endpoint: Endpoint) -> dict[str, Any]:
+    """The OpenAPI entries for an endpoint's ``.npy`` request and answer (BinaryRequests answers them)."""
+    if not endpoint.takes_batches:
+        return {}
+    fields = [f for f in endpoint.request.model_fields if f not in ("images", "documents", "format")]
+    docs: dict[str, Any] = {"openapi_extra": {"requestBody": {"content": {NPY: {"schema": {
+        **_BINARY, "description": f"np.save bytes of a batch of 1..{MAX_ITEMS} images: (N, H, W) or (N, C, H, W), "
+                                  "uint8 (0..255) or float in [0, 1]. Options as query parameters: "
+                                  + ", ".join(fields) + "."}}}}}}
+    if endpoint.array_answer:
+        docs["responses"] = {200: {"description": "JSON, or with Accept: application/x-npy (the default for a "
+                                                  ".npy request) the answer array as float32 .npy bytes",
+                                   "content": {NPY: {"schema": _BINARY}}}}
+    return docs
+
+
 def build_app(backend: Backend) -> FastAPI:
     """The FastAPI app over ``backend``; OpenAPI schema at /openapi.json, docs at /docs."""
     app = FastAPI(title="raeflow", version=__version__,
                   description="Autoencoders over HTTP: encode, reconstruct, denoise, generate, interpolate, grid, "
                               "search. JSON in and out; images as arrays in [0, 1] or base64 PNGs. "
                               f"At most {MAX_ITEMS} items per request and {MAX_BODY_BYTES // 2**20} MiB per body.")
+    # Middleware added last runs first: BodyLimit sees every body, binary ones included, before anything reads it.
+    app.add_middleware(BinaryRequests, handle=lambda *a: answer_binary(*a))
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(ServiceError)
@@ -220,6 +304,34 @@ def build_app(backend: Backend) -> FastAPI:
             step = step.finish(y)
         return _json(step)
 
+    async def answer_binary(model: str, name: str, body: bytes, query: str, accept: str) -> Response:
+        """A ``.npy`` batch for an endpoint that takes images; answered as ``.npy`` (one array: codes or images)
+        or JSON, by :func:`wants_npy`. The batch replaces the JSON body's ``images``; options are query
+        parameters (``?k=5&index=docs`` for /search); every rule after decoding is the JSON request's."""
+        endpoint = ENDPOINTS.get(name)
+        if endpoint is None:
+            raise ServiceError(404, f"no route POST /{model}/{name}; routes: {ROUTES_HELP}")
+        if not endpoint.takes_batches:
+            raise ServiceError(415, f"/{name} takes a JSON body only; .npy batches go to "
+                                    + ", ".join(f"/{e.name}" for e in ENDPOINTS.values() if e.takes_batches))
+        svc = service(model)
+        svc.require(name)
+        opts = dict(parse_qsl(query, keep_blank_values=True))
+        sent = sorted(set(opts) & {"images", "documents", "format"})
+        if sent:
+            raise bad(f"query parameter(s) {', '.join(sent)}: a .npy request's images are its body")
+        npy_out = wants_npy(accept, endpoint)
+        req = parse_request(endpoint, opts).with_batch(decode_npy(body, MAX_ITEMS))
+        if not npy_out:
+            return await answer(model, name, req)
+        if req.grid:
+            raise bad("\"grid\" is a PNG inside a JSON answer; ask for JSON (Accept: application/json) to get it")
+        step = plan(svc, name, req)
+        y = await backend.run(model, step.op, step.x)  # array_answer: the one batched call's output is the answer
+        if not np.isfinite(y).all():
+            raise ServiceError(500, "the model produced a non-finite number (NaN or infinity); no answer is sent")
+        return Response(encode_npy(y), media_type=NPY)
+
     # HEAD wherever GET exists (load balancers and `curl -I` probe with HEAD); Starlette drops the body.
     @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the models are loaded")
     async def healthz():
@@ -245,7 +357,7 @@ def build_app(backend: Backend) -> FastAPI:
 
         route.__name__ = endpoint.name
         route.__annotations__ = {"model": str, "body": endpoint.request}  # real types, not postponed strings
-        app.post(f"/{{model}}/{endpoint.name}", summary=endpoint.summary)(route)
+        app.post(f"/{{model}}/{endpoint.name}", summary=endpoint.summary, **binary_docs(endpoint))(route)
 
     for endpoint in ENDPOINTS.values():
         add_route(endpoint)

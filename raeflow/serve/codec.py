@@ -72,3 +72,47 @@ def tile(images: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarra
         r, q = divmod(i, cols)
         out[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = images[i]
     return out
+
+
+# ------------------------------------------------------------------------------------------------ .npy batches
+#: The binary request and answer format: one ``.npy`` file (numpy's own format: a short text header, then the raw
+#: array) holding a batch of images. Not an IANA type; ``application/x-npy`` is the name numpy users pass around.
+NPY = "application/x-npy"
+#: dtypes a batch may come in: bytes (0..255, scaled by 1/255 as training reads pixels) or floats in [0, 1]
+NPY_DTYPES = ("uint8", "float16", "float32", "float64")
+
+
+def decode_npy(body: bytes, max_items: int) -> np.ndarray:
+    """A ``.npy`` body -> (N, ...) float32 (uint8 pixels scaled to [0, 1]). The header is read and checked before
+    any pixel: never pickles (object arrays are refused), never trusts a shape the bytes do not hold."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(body)
+    try:
+        version = npy.read_magic(f)
+        read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}; np.save writes 1.0")
+        shape, fortran, dtype = read_header(f)
+    except ServiceError:
+        raise
+    except Exception as e:  # bad magic, truncated or unparseable header
+        raise bad(f"not a .npy body ({e}); send np.save's bytes of an (N, H, W) or (N, C, H, W) array with "
+                  f"Content-Type: {NPY}") from None
+    if dtype.hasobject or dtype.name not in NPY_DTYPES:
+        raise bad(f".npy dtype {dtype} is not accepted; send one of {', '.join(NPY_DTYPES)} (uint8: bytes 0..255)")
+    if len(shape) < 2 or not 1 <= shape[0] <= max_items:
+        raise bad(f".npy shape {list(shape)}: send a batch of 1..{max_items} items along the first axis")
+    need = int(np.prod(shape)) * dtype.itemsize
+    data = body[f.tell():]
+    if len(data) != need:
+        raise bad(f".npy header says {list(shape)} {dtype} ({need:,} bytes) but the body holds {len(data):,}")
+    a = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return (a.astype(np.float32) / 255.0) if dtype == np.uint8 else a.astype(np.float32)
+
+
+def encode_npy(a: np.ndarray) -> bytes:
+    """An answer array as ``.npy`` bytes, float32 (exact: no rounding, unlike the JSON answers)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()

@@ -46,6 +46,13 @@ class Endpoint:
     plan: Callable[[ModelService, Any], Plan]
     #: a further condition on the served model (None: ``needs`` decides), with its reason
     extra: Callable[[ModelService], str | None] | None = field(default=None)
+    #: the answer is the batched call's output as one array (codes, images): it can be answered as ``.npy``
+    array_answer: bool = False
+
+    @property
+    def takes_batches(self) -> bool:
+        """Whether a binary request (a ``.npy`` batch of inputs) can stand in for the JSON body's images."""
+        return issubclass(self.request, ImagesRequest)
 
     def refusal(self, svc: ModelService) -> str | None:
         """None when ``svc`` supports this endpoint; else why not."""
@@ -150,11 +157,11 @@ def _decodes_codes(svc: ModelService) -> str | None:
 
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
     Endpoint("encode", ImagesRequest, frozenset({cap.ENCODE}), "Images (or documents) -> latent codes",
-             "it has no encoder", _encode),
+             "it has no encoder", _encode, array_answer=True),
     Endpoint("reconstruct", ImagesRequest, frozenset({cap.RECONSTRUCT}), "Images -> their reconstructions",
-             "it does not reconstruct its inputs", _images_to_images("reconstruct")),
+             "it does not reconstruct its inputs", _images_to_images("reconstruct"), array_answer=True),
     Endpoint("denoise", ImagesRequest, frozenset({cap.DENOISE}), "Noisy images -> cleaned images (denoising models)",
-             "it was not trained as a denoiser (no corruption)", _images_to_images("denoise")),
+             "it was not trained as a denoiser (no corruption)", _images_to_images("denoise"), array_answer=True),
     Endpoint("classify", ImagesRequest, frozenset({cap.CLASSIFY}), "Images -> class labels and probabilities",
              "it has no classification head", _classify),
     Endpoint("generate", GenerateRequest, frozenset({cap.GENERATE}),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 MAX_ITEMS = 256  # items (images, documents, codes, samples) per request
 MAX_BODY_BYTES = 8 * 1024 * 1024  # request bodies above this get 413
@@ -31,6 +31,17 @@ class ImagesRequest(Request):
         None, max_length=MAX_ITEMS, description="Raw texts, for document models saved with a vectoriser.")
     format: Literal["array", "png"] = Field("array", description=_FORMAT_DOC)
     grid: bool = Field(False, description="Also answer one PNG tiling every output image, to look at.")
+    # A binary request's batch, decoded from its .npy body (api.py): never a JSON field, so not in the schema.
+    _batch: Any = PrivateAttr(None)
+
+    @property
+    def batch(self) -> Any:
+        """(N, ...) float32 from a ``.npy`` body, or None for a JSON request."""
+        return self._batch
+
+    def with_batch(self, batch: Any) -> "ImagesRequest":
+        self._batch = batch
+        return self
 
 
 class SearchRequest(ImagesRequest):

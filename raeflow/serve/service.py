@@ -122,6 +122,8 @@ class ModelService:
 
     def inputs(self, req: ImagesRequest) -> Inputs:
         """Decode and check a request's images / documents -> (B, *input_shape) float32."""
+        if req.batch is not None:  # a binary (.npy) request: the batch was decoded from the body
+            return self.batch_inputs(req.batch)
         if (req.images is None) == (req.documents is None):
             raise bad(f"send exactly one of \"images\" or \"documents\" (1..{MAX_ITEMS} items); "
                       f"model {self.name!r} accepts {self.accepted()}")
@@ -160,14 +162,26 @@ class ModelService:
             # Ragged lists ("inhomogeneous shape"), strings or objects inside the lists.
             raise bad(f"{where}: not a rectangular array of numbers ({e}); model {self.name!r} accepts "
                       f"{self.accepted()}") from None
-        shape = self.input_shape
-        if a.shape == shape:
+        return self._fit(a, where)
+
+    def batch_inputs(self, a: np.ndarray) -> Inputs:
+        """A whole batch sent as one array (a ``.npy`` body, already float32): (N, *input_shape), or (N, H, W)
+        for a one-channel image model; the same shape, finiteness and range rules as one JSON item."""
+        x, squeeze = self._fit(a, "the .npy batch", batched=True)
+        return Inputs(x, squeeze)
+
+    def _fit(self, a: np.ndarray, where: str, batched: bool = False) -> tuple[np.ndarray, bool]:
+        """Check ``a`` against the input shape (after a leading batch axis when ``batched``), add a missing
+        channel axis, check it is finite and, for bounded image models, in [0, 1]."""
+        lead = a.shape[:1] if batched else ()
+        shape, got = self.input_shape, a.shape[len(lead):]
+        if got == shape:
             squeeze = False
-        elif self.is_image and shape[0] == 1 and a.shape == shape[1:]:
-            a, squeeze = a[None], True
+        elif self.is_image and shape[0] == 1 and got == shape[1:]:
+            a, squeeze = a.reshape(*lead, *shape), True
         else:
             raise bad(f"{where}: shape {list(a.shape)} does not fit model {self.name!r}, which accepts "
-                      f"{self.accepted()}")
+                      f"{self.accepted()}{' (with a leading batch axis)' if batched else ''}")
         finite_check(a, where)
         if self.bounded and self.is_image and (a.min() < 0 or a.max() > 1):
             raise bad(f"{where}: values must lie in [0, 1] (pixel intensity, e.g. bytes/255); got min "
