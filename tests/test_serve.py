@@ -500,3 +500,23 @@ def test_http_still_healthy_after_bad_input(http, digits):
     assert http.get("/healthz").status_code == 200
     r = http.post("/dae/reconstruct", json={"images": digits[:2].tolist()})
     assert r.status_code == 200 and np.asarray(r.json()["images"]).shape == (2, 8, 8)
+
+
+def test_bench_serve_ratio_needs_the_plain_side_of_the_same_run():
+    """`raeflow bench serve` takes each ratio against the plain server's runs in the same report (first and last,
+    averaged) and prints none where the plain side was not measured."""
+    from raeflow.bench.serve import markdown, summarise
+
+    def run(label, c, rps):
+        return {"label": label, "concurrency": c, "rps": rps, "ok": 100, "p50_ms": 1.0, "p99_ms": 2.0, "failed": 0,
+                "cpu_s": {"client": 0.1}, "server_stats": {}}
+
+    report = {"concurrency": [1, 32], "modes": ["plain", "direct"], "images_per_request": 8, "models": {"m": {
+        "runs": [run("plain", 32, 400.0), run("direct", 1, 50.0), run("direct", 32, 300.0), run("plain", 32, 200.0)]}}}
+    rows = {(r["mode"], r["concurrency"]): r for r in summarise(report)}
+    assert rows[("direct", 32)]["vs_plain"] == 1.0  # 300 against the mean of 400 and 200
+    assert rows[("plain (last)", 32)]["rps"] == 200.0
+    assert rows[("direct", 32)]["images_per_s"] == 2400.0
+    assert rows[("direct", 1)]["vs_plain"] is None  # no plain run at one client in this report
+    table = markdown({**report, "summary": summarise(report)})
+    assert "no plain side" in table and "1.00x" in table
