@@ -53,10 +53,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                                                     "batch size so batches fill."),
         num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs reserved per replica."),
         access_log: bool = typer.Option(False, "--access-log", help="Log every request (proxy and replica)."),
-        direct_ingress: bool = typer.Option(False, "--direct-ingress", help="Replicas answer HTTP themselves on "
-                                            "--port (replica i on port+i), skipping Serve's proxy: several times "
-                                            "less CPU per request (BENCHMARKS.md). Serve feature flag; local Ray "
-                                            "only."),
+        direct_ingress: Optional[bool] = typer.Option(
+            None, "--direct-ingress/--proxy", help="Direct ingress: replicas answer HTTP themselves on --port "
+            "(replica i on port+i), the fast path (BENCHMARKS.md); the default when raeflow starts Ray itself. "
+            "--proxy: through Serve's HTTP proxy, the default on a joined cluster (--address): one port in front "
+            "of replicas on several nodes."),
         detach: bool = typer.Option(False, "--detach", help="Run in the background; return once healthy."),
         stop: bool = typer.Option(False, "--stop", help="Stop a detached server (the one on --port if given)."),
     ):

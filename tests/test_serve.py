@@ -178,6 +178,19 @@ def test_cli_parsers_and_options(tmp_path, serve_models, monkeypatch):
         ServerSpec(models=[str(tmp_path / "missing")]).app_config()
     assert direct_ingress_env(9000, 2)["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9000"
     assert direct_ingress_env(9000, 2)["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "9002"  # ports 9000, 9001
+    # Direct ingress by default on a Ray started here; the proxy on a joined cluster; direct asked of a joined
+    # cluster is refused (its flags are read when Ray starts).
+    from raeflow.serve.run import use_direct_ingress
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    assert use_direct_ingress(ServerSpec(models=[])) is True
+    assert use_direct_ingress(ServerSpec(models=[], direct_ingress=False)) is False
+    assert use_direct_ingress(ServerSpec(models=[], address="10.0.0.1:6379")) is False
+    with pytest.raises(ValueError, match="--proxy"):
+        use_direct_ingress(ServerSpec(models=[], address="10.0.0.1:6379", direct_ingress=True))
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
+    assert use_direct_ingress(ServerSpec(models=[])) is False
     monkeypatch.setenv("RAEFLOW_SERVE_STATE", str(tmp_path / "state"))
     with pytest.raises(FileNotFoundError, match="no detached raeflow server"):
         stop(12345)
@@ -520,3 +533,18 @@ def test_bench_serve_ratio_needs_the_plain_side_of_the_same_run():
     assert rows[("direct", 1)]["vs_plain"] is None  # no plain run at one client in this report
     table = markdown({**report, "summary": summarise(report)})
     assert "no plain side" in table and "1.00x" in table
+
+
+def test_model_calls_are_cut_into_cache_sized_chunks(dae, digits, monkeypatch):
+    """A batch larger than MAX_CALL_ROWS runs in several calls and answers exactly what one call would."""
+    import raeflow.serve.service as service
+
+    x = np.concatenate([digits] * 5)[:, None].astype(np.float32)  # (320, 1, 8, 8)
+    monkeypatch.setattr(service, "MAX_CALL_ROWS", 10_000)
+    whole = dae.run("denoise", x)  # one call
+    calls = []
+    real = dae.model.denoise
+    monkeypatch.setattr(dae.model, "denoise", lambda t: calls.append(len(t)) or real(t))
+    monkeypatch.setattr(service, "MAX_CALL_ROWS", 128)
+    np.testing.assert_allclose(dae.run("denoise", x), whole, atol=1e-6)
+    assert calls == [128, 128, 64]

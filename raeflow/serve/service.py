@@ -35,6 +35,10 @@ from raeflow.errors import InputError
 #: for at most this many image-steps, so its latency stays bounded — a pixel-level PixelCNN on MNIST (784 steps)
 #: gets n <= 5, a VQ-VAE's prior over 7x7 codes (49 steps) n <= 83
 AUTOREGRESSIVE_STEP_BUDGET = 4096
+#: rows per model call: a batch gathered from many requests (32 requests of 32 .npy images = 1,024 rows) is run in
+#: calls of at most this many. Measured (conv DAE, one CPU thread): 1.59 ms per image at 1 row, 0.74 at 32-128,
+#: 0.85 at 256 and 1.37 at 1,024 (the activations of a larger call fall out of cache).
+MAX_CALL_ROWS = 128
 
 
 @dataclass
@@ -213,13 +217,15 @@ class ModelService:
     # ---------------------------------------------------------------------------------------------- compute
     @torch.no_grad()
     def run(self, op: str, x: np.ndarray) -> np.ndarray:
-        """One model call on a whole batch: ``op`` in BATCHED_OPS, ``x`` inputs (or codes for ``decode``)."""
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        m = self.model
+        """The model on a whole batch: ``op`` in BATCHED_OPS, ``x`` inputs (or codes for ``decode``), in calls of
+        at most :data:`MAX_CALL_ROWS` rows."""
         if op not in BATCHED_OPS:
             raise InputError(f"unknown model call {op!r}; one of {BATCHED_OPS}")
-        out = getattr(m, op)(t)  # each op is the model method of that name (its capability promises it)
-        return out.float().cpu().numpy()
+        fn = getattr(self.model, op)  # each op is the model method of that name (its capability promises it)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = [fn(torch.from_numpy(x[a:a + MAX_CALL_ROWS]).to(self.device)).float().cpu().numpy()
+                for a in range(0, len(x), MAX_CALL_ROWS)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> np.ndarray:
