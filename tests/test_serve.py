@@ -180,8 +180,12 @@ def test_cli_parsers_and_options(tmp_path, serve_models, monkeypatch):
     assert direct_ingress_env(9000, 2)["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "9002"  # ports 9000, 9001
     # Direct ingress by default on a Ray started here; the proxy on a joined cluster; direct asked of a joined
     # cluster is refused (its flags are read when Ray starts).
+    from raeflow.raycluster import apply_env
     from raeflow.serve.run import use_direct_ingress
 
+    # Ray's environment first: importing Ray before it (as monkeypatching "ray.…" does) would leave the Ray this
+    # test session starts later listening on every interface (test_no_socket_beyond_loopback caught it).
+    apply_env()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("ray.is_initialized", lambda: False)
     assert use_direct_ingress(ServerSpec(models=[])) is True

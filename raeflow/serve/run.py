@@ -78,10 +78,14 @@ def use_direct_ingress(spec: ServerSpec) -> bool:
     """Whether the replicas answer HTTP themselves: as asked, else yes when this command starts its own Ray.
 
     Direct ingress is the default because it is the fast path (BENCHMARKS.md, "Serving": 1.25x the plain server
-    at 32 clients for the conv DAE, against 0.34x through the proxy). Its flags are read when Ray starts, so a joined cluster
-    (``--address``, ``RAY_ADDRESS``, or Ray already initialised in this process) keeps Serve's proxy -- which is
-    also the right choice there: one port in front of replicas spread over several nodes, routed by load.
+    at 32 clients for the conv DAE, against 0.34x through the proxy). Its flags are read when Ray starts, so a
+    joined cluster (``--address``, ``RAY_ADDRESS``, or Ray already initialised in this process) keeps Serve's
+    proxy -- which is also the right choice there: one port in front of replicas spread over several nodes,
+    routed by load.
     """
+    from raeflow.raycluster import apply_env
+
+    apply_env()  # before Ray's first import, as start() does: some of Ray's settings are read only then
     import ray
 
     joined = bool(spec.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
@@ -102,9 +106,9 @@ def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
     replicas' drain period drops from 30 s to 1 s so Ctrl-C is quick. ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` is
     Serve's documented high-throughput mode; what it changed here is that the replica runs our code on its own
     event loop (not on a second loop in another thread): requests reach ``@serve.batch`` without a hop between
-    threads, and at 32 clients batches filled (31.8 requests on average, against 3.8 without it: 1.38x the plain server
-    instead of 0.81x). These are
-    Serve's environment flags, read when Ray starts: so only for a Ray started here.
+    threads, and at 32 clients batches filled (31.8 requests on average, against 3.8 without it: 1.38x the plain
+    server instead of 0.81x). These are Serve's environment flags, read when Ray starts: so only for a Ray
+    started here.
     """
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
