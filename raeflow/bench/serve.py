@@ -241,23 +241,26 @@ def _plain_main(argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ workloads
-def denoise_bodies(shape: Sequence[int], n: int = 64, level: float = 0.25, seed: int = 0) -> list[bytes]:
-    """``n`` one-image /denoise bodies: MNIST test digits (or digits, by shape) with masking noise."""
+def noisy_images(shape: Sequence[int], n: int, level: float = 0.25, seed: int = 0) -> np.ndarray:
+    """``n`` MNIST test digits (or digits, by shape) with masking noise, without the channel axis of a
+    one-channel model: what a client sends."""
     clean = clean_images(shape, n)
     rng = np.random.default_rng(seed)
     noisy = np.where(rng.random(clean.shape) < level, 0.0, clean)
-    sq = noisy[:, 0] if shape[0] == 1 else noisy
-    return [json.dumps({"images": [np.round(img, 3).tolist()]}, separators=(",", ":")).encode() for img in sq]
+    return noisy[:, 0] if shape[0] == 1 else noisy
+
+
+def denoise_bodies(shape: Sequence[int], n: int = 64, level: float = 0.25, seed: int = 0) -> list[bytes]:
+    """``n`` one-image /denoise bodies: MNIST test digits (or digits, by shape) with masking noise."""
+    return [json.dumps({"images": [np.round(img, 3).tolist()]}, separators=(",", ":")).encode()
+            for img in noisy_images(shape, n, level, seed)]
 
 
 def npy_bodies(shape: Sequence[int], batch: int, n: int = 16, level: float = 0.25, seed: int = 0) -> list[bytes]:
     """``n`` binary /denoise bodies, each one ``.npy`` of ``batch`` noisy test digits, float32 (batch, H, W)."""
     import io
 
-    clean = clean_images(shape, n * batch)
-    rng = np.random.default_rng(seed)
-    noisy = np.where(rng.random(clean.shape) < level, 0.0, clean).astype(np.float32)
-    sq = noisy[:, 0] if shape[0] == 1 else noisy
+    sq = noisy_images(shape, n * batch, level, seed).astype(np.float32)
     out = []
     for i in range(n):
         buf = io.BytesIO()

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raeflow.version import __version__
@@ -187,16 +188,12 @@ class BinaryRequests:
             path = path[len(root):] if root and path.startswith(root) else path
             parts = path.strip("/").split("/")
             if len(parts) == 2 and all(parts):
-                chunks = []
-                while True:
-                    msg = await receive()  # BodyLimit (outside) counts these and stops an oversized body
-                    if msg["type"] == "http.disconnect":
-                        return
-                    chunks.append(msg.get("body", b""))
-                    if not msg.get("more_body", False):
-                        break
                 try:
-                    resp = await self.handle(parts[0], parts[1], b"".join(chunks), scope.get("query_string", b"")
+                    body = await Request(scope, receive).body()  # BodyLimit (outside) stops an oversized body
+                except ClientDisconnect:
+                    return
+                try:
+                    resp = await self.handle(parts[0], parts[1], body, scope.get("query_string", b"")
                                              .decode("latin-1"), _header(scope, b"accept"))
                 except ServiceError as e:
                     resp = error(e.status, e.message)
@@ -205,12 +202,16 @@ class BinaryRequests:
         await self.app(scope, receive, send)
 
 
+#: said (500) instead of an answer holding NaN or infinity, JSON or .npy alike
+NON_FINITE_ANSWER = "the model produced a non-finite number (NaN or infinity); no answer is sent"
+
+
 def _json(out: dict[str, Any]) -> Response:
     # Serialise here with orjson (compact, no jsonable_encoder walk over every float): the answers are large nested
     # lists. orjson writes NaN/inf as null; a non-finite number is a broken answer, so it becomes an error instead.
     body = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
     if b"null" in body and _non_finite(out):  # the walk only when a null is there (None is a legitimate value)
-        return error(500, "the model produced a non-finite number (NaN or infinity); no answer is sent")
+        return error(500, NON_FINITE_ANSWER)
     return Response(body, media_type="application/json")
 
 
@@ -329,7 +330,7 @@ def build_app(backend: Backend) -> FastAPI:
         step = plan(svc, name, req)
         y = await backend.run(model, step.op, step.x)  # array_answer: the one batched call's output is the answer
         if not np.isfinite(y).all():
-            raise ServiceError(500, "the model produced a non-finite number (NaN or infinity); no answer is sent")
+            raise ServiceError(500, NON_FINITE_ANSWER)
         return Response(encode_npy(y), media_type=NPY)
 
     # HEAD wherever GET exists (load balancers and `curl -I` probe with HEAD); Starlette drops the body.
