@@ -10,7 +10,7 @@ import torch
 from raeflow.config import RunConfig
 from raeflow.data import load_eval_data, load_training_data
 from raeflow.io import load_model
-from raeflow.evaluate import TASKS, evaluate, parzen_log_likelihood
+from raeflow.evaluate import TASKS, evaluate, kmeans_centres, parzen_log_likelihood
 from raeflow.train.run import train
 
 QUIET = dict(log=lambda s: None)
@@ -97,9 +97,23 @@ def test_parzen_matches_a_direct_gaussian_mixture_density():
     torch.testing.assert_close(ours, direct)
 
 
+def test_kmeans_centres_find_separated_clusters():
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
+    x = np.concatenate([m + 0.1 * rng.standard_normal((200, 2)) for m in means])
+    c = kmeans_centres(x, 3)
+    assert c.shape == (3, 2)
+    d = np.linalg.norm(c[:, None] - means[None], axis=-1)  # (3 centres, 3 means)
+    assert sorted(d.argmin(1)) == [0, 1, 2] and d.min(1).max() < 0.05, c
+
+
 def test_parzen_task_and_denoise_task(runs):
     par = evaluate(runs["vae"], "digits", ["parzen"], {"parzen_samples": 2000}, **QUIET)["tasks"]["parzen"]
-    assert par["sigma"] in par["sigma_grid"] and np.isfinite(par["log_likelihood"])
+    # the standard protocol's grid (Goodfellow's parzen_ll.py), sigma the held-out argmax
+    np.testing.assert_allclose(par["sigma_grid"], np.logspace(-1, 0, 10))
+    assert par["sigma"] == par["sigma_grid"][int(np.argmax(par["held_out_scores"]))] and np.isfinite(par["log_likelihood"])
+    base = par["kmeans_baseline"]  # digits' train split has fewer rows than 2,000 centres: every other row a centre
+    assert base["centres"] == len(load_eval_data("digits:train").x) - par["held_out"] and np.isfinite(base["log_likelihood"])
     den = evaluate(runs["dae"], "digits", ["denoise"], **QUIET)["tasks"]["denoise"]
     masking = [r for r in den["rows"] if r["noise"] == "masking"]
     assert all(r["denoised_psnr"] > r["noisy_psnr"] for r in masking)  # the DAE was trained on masking noise

@@ -258,6 +258,39 @@ def test_iwae_converges_to_the_exact_likelihood_in_one_dimension(digits_train, d
     assert m2 - exact.mean().item() > 3 * s2, (m2, exact.mean(), s2)
 
 
+def test_iwae_objective_is_the_importance_weighted_bound_and_trains_the_encoder(digits_batch):
+    x = digits_batch[0][:16]
+    torch.manual_seed(0)
+    model = build_model("vae", input_shape=[1, 8, 8], hidden=[16], latent_dim=3, iwae_k=7).eval()
+    torch.manual_seed(1)
+    terms = model(x)
+    torch.manual_seed(1)  # the same 7 draws per example, in the same order
+    with torch.no_grad():
+        bound = -model.log_likelihood(x, k=7).mean()
+    torch.testing.assert_close(terms["loss"], bound)
+    terms["loss"].backward()
+    assert model.mu.weight.grad.abs().sum() > 0 and model.logvar.weight.grad.abs().sum() > 0
+    assert model.encoder[0].weight.grad.abs().sum() > 0, "the reparameterised draws carry the gradient to the encoder"
+    with pytest.raises(ValueError, match="iwae_k"):
+        build_model("vae", input_shape=[1, 8, 8], iwae_k=0)
+    with pytest.raises(ValueError, match="beta"):
+        build_model("vae", input_shape=[1, 8, 8], iwae_k=5, beta=4.0)
+
+
+def test_training_on_the_iwae_bound_gives_a_tighter_bound_than_training_on_the_elbo(digits_train, digits_batch):
+    """Burda et al.'s claim on a small case: the same net trained on the k=10 bound scores a better NLL_50."""
+    x = digits_batch[0]
+    nll = {}
+    for k in (1, 10):
+        torch.manual_seed(0)
+        model = build_model("vae", input_shape=[1, 8, 8], hidden=[32], latent_dim=4, iwae_k=k)
+        train(model, digits_train, epochs=15, lr=3e-3)
+        nll[k] = nll_estimates(model.eval(), x, k=50, repeats=4, seed=0)
+    (m1, s1), (m10, s10) = nll[1], nll[10]
+    # Measured: 25.56 against 24.94 (standard errors 0.007 / 0.011); training seeds 1-3 gave gaps of 0.51-0.79.
+    assert m1 - m10 > 4 * math.hypot(s1, s10), nll
+
+
 def test_vae_posterior_mean_prior_samples_and_binarisation(digits_batch):
     x = digits_batch[0]
     torch.manual_seed(0)
