@@ -4,23 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raeflow.config import RunConfig
+from raeflow.config import RunConfig, load_yaml
+
+#: Where each CLI flag lands in the run config.
+FLAG_KEYS = {"variant": "variant", "dataset": "data.dataset", "workers": "ray.workers", "gpu": "ray.gpu",
+             "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+             "output": "output", "storage_path": "ray.storage_path", "address": "ray.address",
+             "latent_dim": "model.latent_dim", "track": "tracking.backends", "tracking_uri": "tracking.uri"}
 
 
 def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunConfig:
     cfg = RunConfig.from_yaml(config) if config else RunConfig()
     cfg = cfg.override(list(sets))
     # Only flags the user gave (not None / False) override the file.
-    where = {"variant": ("variant",), "dataset": ("data", "dataset"), "workers": ("ray", "workers"),
-             "gpu": ("ray", "gpu"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
-             "lr": ("train", "lr"), "seed": ("train", "seed"), "output": ("output",),
-             "storage_path": ("ray", "storage_path"), "address": ("ray", "address"),
-             "latent_dim": ("model", "latent_dim"), "track": ("tracking", "backends"),
-             "tracking_uri": ("tracking", "uri")}
     for name, value in flags.items():
         if value is None or value is False:
             continue
-        path = where[name]
+        path = FLAG_KEYS[name].split(".")
         node: Any = cfg
         for p in path[:-1]:
             node = getattr(node, p)
@@ -29,3 +29,23 @@ def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunC
         else:
             setattr(node, path[-1], value)
     return cfg.validate()  # every value checked before any work starts, whatever the engine
+
+
+def given_keys(config: Path | None, sets: list[str], **flags: Any) -> frozenset[str]:
+    """The dotted keys the user set: those in the YAML file, ``--set``'s and the flags given (``--resume`` refuses
+    to change any of them that differs from the run's own config, rather than ignoring it)."""
+    keys: set[str] = set()
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.add(prefix + str(k))
+
+    if config:
+        raw = load_yaml(Path(config).read_text(), str(config))
+        walk(raw if isinstance(raw, dict) else {}, "")
+    keys.update(a.split("=", 1)[0].strip() for a in sets)
+    keys.update(FLAG_KEYS[n] for n, v in flags.items() if v is not None and v is not False)
+    return frozenset(keys)

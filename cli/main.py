@@ -73,15 +73,15 @@ def train(
                                                help="MLflow server/store URI (default: <output root>/mlflow.db)."),
 ):
     """Train a variant (on Ray Train unless --local) and write its run directory."""
-    from raeflow.cli.common import build_run_config
+    from raeflow.cli.common import build_run_config, given_keys
     from raeflow.train.run import train as run_train
 
     try:
-        cfg = build_run_config(config, set_, variant=variant, dataset=dataset, workers=workers, gpu=gpu,
-                               epochs=epochs, batch_size=batch_size, lr=lr, latent_dim=latent_dim, output=output,
-                               seed=seed, storage_path=storage_path, address=address, track=track or None,
-                               tracking_uri=tracking_uri)
-        run_train(cfg, resume=resume, local=local)
+        flags = dict(variant=variant, dataset=dataset, workers=workers, gpu=gpu, epochs=epochs, batch_size=batch_size,
+                     lr=lr, latent_dim=latent_dim, output=output, seed=seed, storage_path=storage_path,
+                     address=address, track=track or None, tracking_uri=tracking_uri)
+        cfg = build_run_config(config, set_, **flags)
+        run_train(cfg, resume=resume, local=local, given=given_keys(config, set_, **flags))
     except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
         fail(e)
 

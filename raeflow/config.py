@@ -351,3 +351,45 @@ def _check_model_value(name: str, key: str, value: Any) -> None:
         for i, v in enumerate(values):
             if not size.ok(v):
                 raise ConfigError(f"{name}[{i}]={v!r}: must be {size.describe()}")
+
+
+#: What ``--resume`` may change: where and how the run executes, and how long it trains. Anything else would
+#: continue a different run from this one's checkpoint.
+RESUME_MAY_CHANGE = ("output", "ray.", "tracking.", "train.epochs", "train.stage_epochs.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; an empty mapping is a leaf of its own."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def continue_config(saved: RunConfig, given: RunConfig, keys: set[str] | frozenset[str]) -> tuple[RunConfig, list[str]]:
+    """The config a resumed run continues with: the run's own ``saved`` one, changed where the caller set a key
+    (``keys``, dotted, e.g. ``train.stage_epochs.prior``, ``model``) that :data:`RESUME_MAY_CHANGE` allows.
+    A key set to another value that it does not allow is a ConfigError naming it, rather than ignored: a flag
+    that silently does nothing reads as done. Returns the config and the changes made, as ``key: old -> new``."""
+    old, new = _flat(saved.to_dict()), _flat(given.to_dict())
+    touched = sorted({fk for fk in old.keys() | new.keys() for k in keys if fk == k or fk.startswith(k + ".")})
+    differing = [fk for fk in touched if old.get(fk) != new.get(fk)]
+    refused = [fk for fk in differing if not fk.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        raise ConfigError("--resume continues the run recorded in its run.yaml and cannot change "
+                          + ", ".join(f"{k} ({old.get(k)!r} there, {new.get(k)!r} given)" for k in refused)
+                          + "; it may change the epochs (--epochs, --set train.stage_epochs.STAGE=N) and resources")
+    d = saved.to_dict()
+    for fk in differing:
+        node, parts = d, fk.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if fk in new:
+            node[parts[-1]] = new[fk]
+        else:
+            node.pop(parts[-1], None)
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing if k.startswith("train.")]
+    return RunConfig.from_dict(d).validate(), changes

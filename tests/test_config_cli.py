@@ -108,6 +108,32 @@ def test_local_resume_continues_an_interrupted_run(tmp_path):
     train(RunConfig(output=str(tmp_path / "r")), resume=True, local=True, log=lambda s: None)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    # The same through the caller's own settings (the CLI's --epochs): the plan extends and run.yaml records it.
+    more = RunConfig(output=str(tmp_path / "r"))
+    more.train.epochs = 6
+    lines = []
+    train(more, resume=True, local=True, log=lines.append, given=frozenset({"output", "train.epochs"}))
+    assert "resume with train.epochs: 5 -> 6" in lines
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["6/6"]
+    assert RunConfig.from_yaml(tmp_path / "r" / "run.yaml").train.epochs == 6
+    # A setting that would train something else from this checkpoint is refused, not ignored.
+    other = RunConfig(output=str(tmp_path / "r"))
+    other.train.epochs, other.train.lr = 7, 0.5
+    with pytest.raises(ValueError, match=r"cannot change train\.lr \(0\.001 there, 0\.5 given\)"):
+        train(other, resume=True, local=True, log=lambda s: None,
+              given=frozenset({"output", "train.epochs", "train.lr"}))
+    assert RunConfig.from_yaml(tmp_path / "r" / "run.yaml").train.epochs == 6
+
+
+def test_given_keys_are_the_files_the_sets_and_the_flags(tmp_path):
+    from raeflow.cli.common import given_keys
+
+    f = tmp_path / "c.yaml"
+    f.write_text("variant: vqvae\nmodel: {channels: 8, corruption: {kind: masking}}\n"
+                 "train: {stage_epochs: {vq: 3}, lr: 1.0e-3}\n")
+    keys = given_keys(f, ["train.stage_epochs.prior=20"], epochs=None, lr=None, workers=2, gpu=False)
+    assert keys == {"variant", "model.channels", "model.corruption.kind", "train.stage_epochs.vq", "train.lr",
+                    "train.stage_epochs.prior", "ray.workers"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

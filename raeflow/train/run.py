@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from raeflow.config import RunConfig
+from raeflow.config import RunConfig, continue_config
 from raeflow.data import SparseRows, TrainingData, load_training_data
 from raeflow.data.stream import StreamedData, choose_read, in_memory_bytes
 from raeflow.io import build_checked, save_model
@@ -142,8 +142,13 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
           log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
           data: TrainingData | None = None, parent_run_id: str | None = None,
-          on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[EpochResult], None] | None = None,
+          given: frozenset[str] | None = None) -> TrainResult:
     """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
+
+    ``resume`` continues the run in ``cfg.output`` with its own run.yaml; ``given`` names the keys of ``cfg`` the
+    caller set (dotted, as the CLI's flags and ``--set``): epoch counts among them extend the run, any other
+    that differs from run.yaml is an error (:func:`raeflow.config.continue_config`).
 
     ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
     classifier initialised from a trained encoder; ``cfg.variant`` / ``cfg.model`` are set from it, so run.yaml
@@ -159,7 +164,10 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         saved = RunDir(cfg.output).config()
         saved.ray = cfg.ray  # resources may change on resume; what is trained may not
         saved.output = cfg.output  # the directory may have moved (copied to another disk or machine) since it began
-        cfg = saved
+        cfg, extended = continue_config(saved, cfg, given or frozenset())
+        if extended:  # recorded, so the model card and a later --resume see the plan this run now follows
+            log("resume with " + "; ".join(extended))
+            cfg.save(RunDir(cfg.output).run_yaml)
     cfg.output = cfg.output or default_output(cfg.variant)
     cfg.validate()  # library callers too: nothing is loaded or started on a value out of range
     if data is None:
