@@ -353,9 +353,9 @@ def _check_model_value(name: str, key: str, value: Any) -> None:
                 raise ConfigError(f"{name}[{i}]={v!r}: must be {size.describe()}")
 
 
-#: What ``--resume`` may change: where and how the run executes, and how long it trains. Anything else would
+#: What ``--resume`` may change: where and how the run executes (resources, threads), and how long it trains. Anything else would
 #: continue a different run from this one's checkpoint.
-RESUME_MAY_CHANGE = ("output", "ray.", "tracking.", "train.epochs", "train.stage_epochs.")
+RESUME_MAY_CHANGE = ("output", "ray.", "tracking.", "train.threads", "train.epochs", "train.stage_epochs.")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
