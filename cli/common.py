@@ -31,21 +31,22 @@ def build_run_config(config: Path | None, sets: list[str], **flags: Any) -> RunC
     return cfg.validate()  # every value checked before any work starts, whatever the engine
 
 
-def given_keys(config: Path | None, sets: list[str], **flags: Any) -> frozenset[str]:
-    """The dotted keys the user set: those in the YAML file, ``--set``'s and the flags given (``--resume`` refuses
-    to change any of them that differs from the run's own config, rather than ignoring it)."""
-    keys: set[str] = set()
+def given_keys(config: Path | None, sets: list[str], **flags: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """The dotted keys the user set: (``--set``'s and the flags given, those of the YAML file). ``--resume``
+    applies the first where they may change and checks the second against the run's own config: it refuses a
+    change it cannot make rather than ignoring it."""
+    recipe: set[str] = set()
 
     def walk(d: dict, prefix: str) -> None:
         for k, v in d.items():
             if isinstance(v, dict) and v:
                 walk(v, f"{prefix}{k}.")
             else:
-                keys.add(prefix + str(k))
+                recipe.add(prefix + str(k))
 
     if config:
         raw = load_yaml(Path(config).read_text(), str(config))
         walk(raw if isinstance(raw, dict) else {}, "")
-    keys.update(a.split("=", 1)[0].strip() for a in sets)
+    keys = {a.split("=", 1)[0].strip() for a in sets}
     keys.update(FLAG_KEYS[n] for n, v in flags.items() if v is not None and v is not False)
-    return frozenset(keys)
+    return frozenset(keys), frozenset(recipe)

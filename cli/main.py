@@ -81,7 +81,8 @@ def train(
                      lr=lr, latent_dim=latent_dim, output=output, seed=seed, storage_path=storage_path,
                      address=address, track=track or None, tracking_uri=tracking_uri)
         cfg = build_run_config(config, set_, **flags)
-        run_train(cfg, resume=resume, local=local, given=given_keys(config, set_, **flags))
+        given, recipe = given_keys(config, set_, **flags)
+        run_train(cfg, resume=resume, local=local, given=given, recipe=recipe)
     except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
         fail(e)
 

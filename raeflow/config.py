@@ -369,21 +369,30 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def continue_config(saved: RunConfig, given: RunConfig, keys: set[str] | frozenset[str]) -> tuple[RunConfig, list[str]]:
+def continue_config(saved: RunConfig, given: RunConfig, keys: set[str] | frozenset[str],
+                    recipe_keys: set[str] | frozenset[str] = frozenset()) -> tuple[RunConfig, list[str]]:
     """The config a resumed run continues with: the run's own ``saved`` one, changed where the caller set a key
-    (``keys``, dotted, e.g. ``train.stage_epochs.prior``, ``model``) that :data:`RESUME_MAY_CHANGE` allows.
-    A key set to another value that it does not allow is a ConfigError naming it, rather than ignored: a flag
-    that silently does nothing reads as done. Returns the config and the changes made, as ``key: old -> new``."""
+    (``keys``, dotted, e.g. ``train.stage_epochs.prior``, ``model``: flags and ``--set``) that
+    :data:`RESUME_MAY_CHANGE` allows. ``recipe_keys`` (those of a ``--config`` file) are only checked: the file is
+    the recipe the run began with, so its epoch counts never undo an extension recorded in run.yaml, and any other
+    value that differs means the recipe changed since. A key that differs and may not change is a ConfigError
+    naming it, rather than ignored: a flag that silently does nothing reads as done. Returns the config and the
+    changes made, as ``key: old -> new``."""
     old, new = _flat(saved.to_dict()), _flat(given.to_dict())
-    touched = sorted({fk for fk in old.keys() | new.keys() for k in keys if fk == k or fk.startswith(k + ".")})
-    differing = [fk for fk in touched if old.get(fk) != new.get(fk)]
-    refused = [fk for fk in differing if not fk.startswith(RESUME_MAY_CHANGE)]
+
+    def differing(ks) -> list[str]:
+        touched = sorted({fk for fk in old.keys() | new.keys() for k in ks if fk == k or fk.startswith(k + ".")})
+        return [fk for fk in touched if old.get(fk) != new.get(fk)]
+
+    changed = differing(keys)
+    refused = [fk for fk in sorted(set(changed) | set(differing(recipe_keys)))
+               if not fk.startswith(RESUME_MAY_CHANGE)]
     if refused:
         raise ConfigError("--resume continues the run recorded in its run.yaml and cannot change "
                           + ", ".join(f"{k} ({old.get(k)!r} there, {new.get(k)!r} given)" for k in refused)
                           + "; it may change the epochs (--epochs, --set train.stage_epochs.STAGE=N) and resources")
     d = saved.to_dict()
-    for fk in differing:
+    for fk in changed:
         node, parts = d, fk.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -391,5 +400,5 @@ def continue_config(saved: RunConfig, given: RunConfig, keys: set[str] | frozens
             node[parts[-1]] = new[fk]
         else:
             node.pop(parts[-1], None)
-    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing if k.startswith("train.")]
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if k.startswith("train.")]
     return RunConfig.from_dict(d).validate(), changes

@@ -123,6 +123,16 @@ def test_local_resume_continues_an_interrupted_run(tmp_path):
         train(other, resume=True, local=True, log=lambda s: None,
               given=frozenset({"output", "train.epochs", "train.lr"}))
     assert RunConfig.from_yaml(tmp_path / "r" / "run.yaml").train.epochs == 6
+    # The recipe file the run began with (epochs: 4) does not undo the extension; a changed recipe is refused.
+    recipe = RunConfig(output=str(tmp_path / "r"))
+    recipe.train.epochs = 4
+    train(recipe, resume=True, local=True, log=lambda s: None, given=frozenset({"output"}),
+          recipe=frozenset({"train.epochs"}))
+    assert RunConfig.from_yaml(tmp_path / "r" / "run.yaml").train.epochs == 6
+    recipe.train.batch_size = 7
+    with pytest.raises(ValueError, match=r"cannot change train\.batch_size"):
+        train(recipe, resume=True, local=True, log=lambda s: None, given=frozenset({"output"}),
+              recipe=frozenset({"train.epochs", "train.batch_size"}))
 
 
 def test_given_keys_are_the_files_the_sets_and_the_flags(tmp_path):
@@ -131,9 +141,9 @@ def test_given_keys_are_the_files_the_sets_and_the_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("variant: vqvae\nmodel: {channels: 8, corruption: {kind: masking}}\n"
                  "train: {stage_epochs: {vq: 3}, lr: 1.0e-3}\n")
-    keys = given_keys(f, ["train.stage_epochs.prior=20"], epochs=None, lr=None, workers=2, gpu=False)
-    assert keys == {"variant", "model.channels", "model.corruption.kind", "train.stage_epochs.vq", "train.lr",
-                    "train.stage_epochs.prior", "ray.workers"}
+    keys, recipe = given_keys(f, ["train.stage_epochs.prior=20"], epochs=None, lr=None, workers=2, gpu=False)
+    assert keys == {"train.stage_epochs.prior", "ray.workers"}
+    assert recipe == {"variant", "model.channels", "model.corruption.kind", "train.stage_epochs.vq", "train.lr"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

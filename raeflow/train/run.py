@@ -143,12 +143,13 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
           log: Callable[[str], None] = print, model: torch.nn.Module | None = None,
           data: TrainingData | None = None, parent_run_id: str | None = None,
           on_epoch: Callable[[EpochResult], None] | None = None,
-          given: frozenset[str] | None = None) -> TrainResult:
+          given: frozenset[str] | None = None, recipe: frozenset[str] = frozenset()) -> TrainResult:
     """Train ``cfg.variant`` on ``cfg.data`` and write the run directory.
 
     ``resume`` continues the run in ``cfg.output`` with its own run.yaml; ``given`` names the keys of ``cfg`` the
     caller set (dotted, as the CLI's flags and ``--set``): epoch counts among them extend the run, any other
-    that differs from run.yaml is an error (:func:`raeflow.config.continue_config`).
+    that differs from run.yaml is an error; ``recipe`` names those that came from a config file, which are only
+    checked (:func:`raeflow.config.continue_config`).
 
     ``model`` starts from a prebuilt model instead of building one from ``cfg`` (``raeflow.finetune`` passes a
     classifier initialised from a trained encoder; ``cfg.variant`` / ``cfg.model`` are set from it, so run.yaml
@@ -164,7 +165,7 @@ def train(cfg: RunConfig, *, resume: bool = False, local: bool = False,
         saved = RunDir(cfg.output).config()
         saved.ray = cfg.ray  # resources may change on resume; what is trained may not
         saved.output = cfg.output  # the directory may have moved (copied to another disk or machine) since it began
-        cfg, extended = continue_config(saved, cfg, given or frozenset())
+        cfg, extended = continue_config(saved, cfg, given or frozenset(), recipe)
         if extended:  # recorded, so the model card and a later --resume see the plan this run now follows
             log("resume with " + "; ".join(extended))
             cfg.save(RunDir(cfg.output).run_yaml)
