@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raeflow.config import RunConfig, load_yaml
+from raeflow.config import RunConfig, flatten, load_yaml
 
 #: Where each CLI flag lands in the run config.
 FLAG_KEYS = {"variant": "variant", "dataset": "data.dataset", "workers": "ray.workers", "gpu": "ray.gpu",
@@ -35,18 +35,10 @@ def given_keys(config: Path | None, sets: list[str], **flags: Any) -> tuple[froz
     """The dotted keys the user set: (``--set``'s and the flags given, those of the YAML file). ``--resume``
     applies the first where they may change and checks the second against the run's own config: it refuses a
     change it cannot make rather than ignoring it."""
-    recipe: set[str] = set()
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                walk(v, f"{prefix}{k}.")
-            else:
-                recipe.add(prefix + str(k))
-
+    recipe: frozenset[str] = frozenset()
     if config:
         raw = load_yaml(Path(config).read_text(), str(config))
-        walk(raw if isinstance(raw, dict) else {}, "")
+        recipe = frozenset(flatten(raw if isinstance(raw, dict) else {}))
     keys = {a.split("=", 1)[0].strip() for a in sets}
     keys.update(FLAG_KEYS[n] for n, v in flags.items() if v is not None and v is not False)
-    return frozenset(keys), frozenset(recipe)
+    return frozenset(keys), recipe

@@ -353,17 +353,17 @@ def _check_model_value(name: str, key: str, value: Any) -> None:
                 raise ConfigError(f"{name}[{i}]={v!r}: must be {size.describe()}")
 
 
-#: What ``--resume`` may change: where and how the run executes (resources, threads), and how long it trains. Anything else would
-#: continue a different run from this one's checkpoint.
+#: What ``--resume`` may change: where and how the run executes (resources, threads), and how long it trains.
+#: Anything else would continue a different run from this one's checkpoint.
 RESUME_MAY_CHANGE = ("output", "ray.", "tracking.", "train.threads", "train.epochs", "train.stage_epochs.")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; an empty mapping is a leaf of its own."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -378,7 +378,7 @@ def continue_config(saved: RunConfig, given: RunConfig, keys: set[str] | frozens
     value that differs means the recipe changed since. A key that differs and may not change is a ConfigError
     naming it, rather than ignored: a flag that silently does nothing reads as done. Returns the config and the
     changes made, as ``key: old -> new``."""
-    old, new = _flat(saved.to_dict()), _flat(given.to_dict())
+    old, new = flatten(saved.to_dict()), flatten(given.to_dict())
 
     def differing(ks) -> list[str]:
         touched = sorted({fk for fk in old.keys() | new.keys() for k in ks if fk == k or fk.startswith(k + ".")})
