@@ -15,8 +15,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         input: str = typer.Option(..., "--input", "-i", help="Folder of images or .txt files, .parquet file or "
                                   "folder, .jsonl file, or a built-in dataset: mnist:test, 20newsgroups:test."),
         output: str = typer.Option(..., "--output", "-o", help="Output directory (Parquet dataset)."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Encoder actors (default: one per GPU "
-                                              "with --gpu, else CPUs - 1, at least 1)."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-w", help="On CPUs: encoding tasks at once "
+                                              "(default: one per CPU); with --gpu: encoder actors (default: one "
+                                              "per GPU)."),
         gpu: bool = typer.Option(False, "--gpu", help="One GPU per encoder actor."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Rows per encoder call "
                                                  "(default 1024 on CPU, 4096 on GPU)."),

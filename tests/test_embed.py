@@ -324,6 +324,63 @@ def test_embed_parquet_builtin_and_vae(ray_local, digits_ae, digits_vae, tmp_pat
     np.testing.assert_allclose(_emb(t, "logvar"), logvar, rtol=1e-5, atol=1e-6)
 
 
+def test_encode_block_keeps_one_encoder_per_process_keyed_by_weights(digits_ae, digits_vae):
+    """A CPU task's step reuses its process's encoder across tasks, and a model with other weights (another sha256,
+    even under the same path) replaces it rather than being served by the stale one."""
+    from raeflow.embed import job
+
+    job._ENCODERS.clear()
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    batch = pa.table({"id": [str(i) for i in range(5)], "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64)})
+    kw = dict(device="cpu", threads=1, chunk=2)
+    a = job.encode_block(batch, model=digits_ae, sha256=model_sha256(digits_ae), **kw)
+    first = next(iter(job._ENCODERS.values()))
+    job.encode_block(batch, model=digits_ae, sha256=model_sha256(digits_ae), **kw)
+    assert next(iter(job._ENCODERS.values())) is first and len(job._ENCODERS) == 1
+    np.testing.assert_allclose(_emb(a), Encoder(digits_ae).encode_array(x)[0], rtol=1e-5, atol=1e-6)
+    job.encode_block(batch, model=digits_vae, sha256=model_sha256(digits_vae), **kw)
+    assert len(job._ENCODERS) == 1 and next(iter(job._ENCODERS.values())) is not first
+    job._ENCODERS.clear()
+
+
+@pytest.mark.ray
+def test_embed_streams_blocks_from_parallel_tasks(ray_local, digits_ae, tmp_path, monkeypatch):
+    """The CPU pipeline hands the driver many small blocks as tasks finish them (not one block at the end), each
+    row exactly once, encoded in more than one worker process when the cluster has two CPUs."""
+    import os
+
+    from raeflow.data.sources import Prep, open_source
+    from raeflow.embed import job
+
+    n = 2000
+    x = np.random.default_rng(1).integers(0, 256, (n, 64), dtype=np.uint8)
+    pq.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64),
+                             "label": ["0"] * n}), tmp_path / "x.parquet", row_group_size=250)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    real = job.encode_block
+
+    def recording(batch, **kw):  # which worker process encoded each block (a file per pid, across processes)
+        import time
+
+        (pids / str(os.getpid())).touch()
+        time.sleep(0.3)  # long enough that a second free CPU gets the next task rather than the same worker
+        return real(batch, **kw)
+
+    monkeypatch.setattr(job, "encode_block", recording)
+    monkeypatch.setattr(job, "OUTPUT_BLOCK_BYTES", 8 * 1024)
+    free = ray_local.available_resources().get("CPU", 0)
+    source = open_source(str(tmp_path / "x.parquet"), Prep("image", (1, 8, 8)))
+    done = pa.array([], pa.string())
+    tables = list(job._encoded_stream(source, done, Path(digits_ae), model_sha256(digits_ae), 2, 1.0, 0.0, 1, 64,
+                                      "cpu"))
+    ids = pa.concat_arrays([t.column("id").combine_chunks() for t in tables]).to_pylist()
+    assert sorted(ids, key=lambda s: int(s)) == [str(i) for i in range(n)]
+    assert len(tables) >= 8  # 8 row groups, each its own task, each cut into ~8 KiB blocks
+    if free >= 2:
+        assert len(list(pids.iterdir())) >= 2
+
+
 @pytest.mark.ray
 def test_embed_cli_jsonl_summary(ray_local, doc_ae, tmp_path):
     from typer.testing import CliRunner

@@ -232,6 +232,7 @@ class EmbedSummary:
     workers: int
     batch_size: int
     device: str
+    first_row_s: float | None = None  # from the job's start to its first encoded rows reaching the driver
 
     @property
     def rows_per_s(self) -> float:
@@ -240,7 +241,9 @@ class EmbedSummary:
     def lines(self) -> list[str]:
         out = [f"rows in {self.rows_in:,} = embedded {self.embedded:,} + errors {self.errors:,}"
                + (f"  ({self.skipped:,} already done, skipped)" if self.skipped else ""),
-               f"{self.rows_per_s:,.0f} rows/s over {self.seconds:.1f}s; {self.workers} encoder actor(s) on "
+               f"{self.rows_per_s:,.0f} rows/s over {self.seconds:.1f}s"
+               + (f" (first rows after {self.first_row_s:.1f}s)" if self.first_row_s is not None else "")
+               + f"; {self.workers} {'encoder actor(s)' if self.device != 'cpu' else 'task(s) at once'} on "
                f"{self.device}, batch {self.batch_size}; {self.files} file(s) written",
                f"{self.output}: {self.total_embedded:,} embeddings, {self.total_errors:,} errors in total"]
         if self.errors:
