@@ -21,6 +21,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         queries: str = typer.Option("mnist:test", "--queries", help="Built-in rows used as queries."),
         recall_queries: int = typer.Option(1000, "--recall-queries", help="Queries recall is averaged over."),
         budget: float = typer.Option(20.0, "--budget", help="Seconds per one-at-a-time timing."),
+        build_threads: int = typer.Option(1, "--build-threads", help="faiss threads for each build (queries are "
+                                          "timed on one thread whatever this is)."),
         output: Optional[Path] = typer.Option(None, "--json", help="Also write every figure as JSON here."),
     ):
         """Recall@10 and queries/s of the ANN index against the exact search, build time and memory."""
@@ -35,7 +37,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
                 typer.echo(f"embedded: {embed_corpus(corpus, model, embeddings, log=typer.echo)}")
             report = run(embeddings, model, kinds=kind, queries=queries, recall_queries=recall_queries,
-                         single_budget_s=budget, log=typer.echo)
+                         single_budget_s=budget, build_threads=build_threads, log=typer.echo)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         typer.echo("\n" + markdown(report))

@@ -163,3 +163,17 @@ def test_search_and_serve_use_the_index_and_exact_forces_the_exact_search(tmp_pa
     assert type(served["digits"].index).__name__ == "AnnIndex"
     res = search_index(served, svc, codes[[17, 3]], 2, None)
     assert [r[0]["id"] for r in res["results"]] == ["row17", "row3"]
+
+
+def test_bench_queries_are_unit_codes_of_held_out_rows(embed_digits_ae):
+    """`raeflow bench index` encodes its queries (held-out built-in rows) with the embeddings' model: the codes the
+    exact search and the index are compared on, one unit vector per row."""
+    from raeflow.bench.index import encode_queries
+    from raeflow.data.catalog import known_datasets
+    from raeflow.embed.encoder import Encoder
+
+    q = encode_queries(embed_digits_ae, "digits:test", 7)
+    assert q.shape == (7, 6)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, rtol=1e-5)
+    x = np.asarray(known_datasets()["digits"].load("test").x[:7], np.float32)
+    np.testing.assert_allclose(q, normalise(Encoder(embed_digits_ae).encode_array(x)[0]), rtol=1e-5, atol=1e-6)

@@ -75,7 +75,7 @@ def embed_corpus(corpus: str, model: str, out: str, batch_size: int = 4096,
 
 def encode_queries(model: str, source: str, n: int) -> np.ndarray:
     """``n`` rows of the built-in ``source`` (``mnist:test``) encoded by ``model`` and unit-normalised."""
-    from raeflow.data.core import known_datasets, parse_spec
+    from raeflow.data.catalog import known_datasets, parse_spec
     from raeflow.embed.encoder import Encoder
     from raeflow.embed.vectors import normalise
 
@@ -117,15 +117,16 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a[a >= 0].tolist()) & set(b.tolist())) / k for a, b in zip(found, truth)]))
 
 
-def build_child(embeddings: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def build_child(embeddings: Path, kind: str, params: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """``raeflow index --rebuild`` in a child process: its own build seconds and peak RSS (VmHWM, imports
-    included), the wall time with the process start-up, the sizes."""
+    included), the wall time with the process start-up, the sizes. ``threads``: faiss threads for the build
+    (the queries are always timed on one)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
         cmd = [sys.executable, "-m", "raeflow.cli.main", "index", "-e", str(embeddings), "--kind", kind,
-               "--rebuild", "--json", str(summary)]
+               "--rebuild", "--json", str(summary), "--threads", str(threads)]
         for k, v in params.items():
             cmd += ["-p", f"{k}={json.dumps(v)}"]
         t = time.perf_counter()
@@ -148,7 +149,7 @@ SWEEPS: dict[str, tuple[str, list[int]]] = {"hnsw": ("ef_search", [16, 32, 64, 1
 def bench_index(embeddings: str, model: str, *, kinds: list[str] = ("hnsw", "ivfpq"), k: int = 10,
                 queries: str = "mnist:test", recall_queries: int = 1000, batch: int = 1000,
                 single_budget_s: float = 20.0, build_params: dict[str, dict[str, Any]] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                build_threads: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
     from raeflow.embed.vectors import top_k
     from raeflow.index import open_index
 
@@ -170,7 +171,8 @@ def bench_index(embeddings: str, model: str, *, kinds: list[str] = ("hnsw", "ivf
                                                                           1), "load": _load()}
         log(f"exact batched: {report['exact_batch']}")
         for kind in kinds:
-            b = build_child(out, kind, (build_params or {}).get(kind, {}))
+            b = build_child(out, kind, (build_params or {}).get(kind, {}), build_threads)
+            b["threads"] = build_threads
             log(f"{kind} build: {b['seconds']}s, peak RSS {b['peak_rss_bytes'] / 2**20:,.0f} MiB, "
                 f"index {b['index_file_bytes'] / 2**20:,.1f} MiB (+ vectors {b['vectors_file_bytes'] / 2**20:,.1f})")
             index = open_index(out, min_rows=0)
