@@ -177,3 +177,11 @@ def test_bench_queries_are_unit_codes_of_held_out_rows(embed_digits_ae):
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, rtol=1e-5)
     x = np.asarray(known_datasets()["digits"].load("test").x[:7], np.float32)
     np.testing.assert_allclose(q, normalise(Encoder(embed_digits_ae).encode_array(x)[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_index_names_an_empty_embeddings_directory(tmp_path):
+    from raeflow.bench.index import load_vectors
+    from raeflow.errors import MissingFileError
+
+    with pytest.raises(MissingFileError, match="no part-"):
+        load_vectors(tmp_path)

@@ -35,6 +35,10 @@ def load_vectors(embeddings: Path) -> np.ndarray:
     from raeflow.index.build import iter_vectors, part_records
 
     parts = part_records(embeddings)
+    if not parts:
+        from raeflow.errors import MissingFileError
+
+        raise MissingFileError(f"{embeddings}: no part-*.parquet files (embed into it first, or pass --corpus)")
     rows = sum(p["rows"] for p in parts)
     out = None
     r = 0
