@@ -171,7 +171,10 @@ def _encoded_stream(source, done: pa.Array, md: Path, sha256: str, workers: int,
         # object store in 1 MiB blocks, 220 tasks for 300k rows, and the job took twice as long).
         ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
             cpu=workers * cpus)
-    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+        # Only here: the setting cuts every operator's output, and on this path the only output is the encoded
+        # rows (the read is fused in). With --gpu it would also cut the decoded images on their way to the
+        # actors into 1 MiB objects, so that path keeps Ray's default.
+        ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     # batch_size=None: take Ray's output blocks as they come (the writer re-cuts them into files).
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
