@@ -96,10 +96,20 @@ def bounded_malloc() -> None:
     if _MALLOC_FIXED:
         return
     _MALLOC_FIXED = True
+    fix_malloc(128 * 1024)
+
+
+def fix_malloc(mmap_threshold: int, trim_threshold: int | None = None) -> None:
+    """Fix glibc's mmap threshold (and, when given, its trim threshold) in this process, which also stops glibc
+    adjusting them as it goes. The one place raeflow sets its allocator: :func:`bounded_malloc` for readers and
+    encoders, :func:`raeflow.train.ray_engine.steady_malloc` for training workers. No-op off glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(mmap_threshold))  # -3: M_MMAP_THRESHOLD
+        if trim_threshold is not None:
+            libc.mallopt(-1, int(trim_threshold))  # -1: M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -12,7 +12,6 @@ tasks that feed it. BENCHMARKS.md has the measurements behind both choices.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -50,11 +49,7 @@ def resources(workers: int | None, gpu: bool) -> tuple[int, float, float, int]:
     # (at least 1 with --gpu, so a cluster without GPUs gets plan_workers' "no GPU" message)
     workers = max(1, int(gpus)) if workers is None else workers
     plan = plan_workers(workers, cpus, gpus, use_gpu=gpu)
-    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
-    # Intra-op threads: a node's cores shared by the actors on it (placement spreads them evenly enough).
-    per_node_cpus = cpus / nodes
-    threads = 1 if gpu else max(1, int(per_node_cpus // max(1, math.ceil(workers / nodes))))
-    return workers, plan.cpus_per_worker, plan.gpus_per_worker, threads
+    return workers, plan.cpus_per_worker, plan.gpus_per_worker, 1  # one CPU thread: the GPU does the work
 
 
 def run_embed(model: "str | os.PathLike | TrainedModel", input: str, output: str | os.PathLike, *, workers: int | None = None,

@@ -409,14 +409,9 @@ def steady_malloc() -> None:
     plain Ray task or a thread of a plain process it did not. With these thresholds fixed (which also stops
     glibc's dynamic adjustment) the worker ran at 0.97-1.0x. The bound on memory is the thresholds themselves:
     at most 256 MiB of free heap kept per worker. No-op off glibc."""
-    try:
-        import ctypes
+    from raeflow.data.readers import fix_malloc
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
-        libc.mallopt(-1, TRIM_THRESHOLD)  # -1: M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    fix_malloc(MMAP_THRESHOLD, TRIM_THRESHOLD)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
