@@ -200,6 +200,37 @@ def test_sdae_terms_shapes_and_errors(digits_batch):
         model(x, y + 5, stage="finetune")
 
 
+def test_sdae_corruption_levels_per_layer_and_finetune_optimiser():
+    model = StackedDAE(input_shape=(1, 8, 8), hidden=(16, 12, 8), corruption={"kind": "masking", "level": 0.25},
+                       corruption_levels=[0.1, 0.3, 0.6], finetune_optim={"kind": "sgd", "lr": 0.1, "momentum": 0})
+    ones = torch.ones(20000, 16)
+    model.train()
+    # Each layer's pretraining input is masked at its own level (fraction zeroed within 0.01 of it).
+    for k, level in [(1, 0.1), (2, 0.3), (3, 0.6)]:
+        assert abs(float((model._corrupt_layer(ones, k) == 0).float().mean()) - level) < 0.01
+    model.eval()
+    assert torch.equal(model._corrupt_layer(ones, 3), ones)  # evaluation sees clean inputs
+    finetune = model.stages(TrainPlan(3, {"pretrain": 1}))[-1]
+    spec = finetune.phases[0].optim
+    assert (spec.kind, spec.lr, spec.momentum_at(0)) == ("sgd", 0.1, 0.0)
+    # Without the options: one level everywhere, the run's optimiser.
+    plain = StackedDAE(input_shape=(1, 8, 8), hidden=(16, 8))
+    assert plain.stages(TrainPlan(3, {"pretrain": 1}))[-1].phases[0].optim is None
+    # The trainer honours it: fine-tuning runs on a plain SGD optimiser at lr 0.1 whatever the run's Adam.
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    trainer = Trainer(model, TrainConfig(stage_epochs={"pretrain": 0, "finetune": 1}, batch_size=32),
+                      log=lambda s: None)
+    trainer.fit(lambda e: TensorBatches(x, y, 32), None, 2, lambda r: None)
+    (opt,) = trainer.optimizers.values()
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.1
+    with pytest.raises(ValueError, match="3 layers but 2"):
+        StackedDAE(input_shape=(1, 8, 8), hidden=(16, 12, 8), corruption_levels=[0.1, 0.2])
+    with pytest.raises(ValueError, match="out of range"):
+        StackedDAE(input_shape=(1, 8, 8), hidden=(16, 8), corruption_levels=[0.1, 1.5])
+    with pytest.raises(ValueError, match="unknown finetune_optim"):
+        StackedDAE(input_shape=(1, 8, 8), hidden=(16, 8), finetune_optim={"kind": "sgd", "learning_rate": 1})
+
+
 def test_sdae_pretraining_freezes_lower_layers_and_finetuning_updates_all():
     data = load_training_data("digits")
     x, y = torch.from_numpy(data.train.x[:512]), torch.from_numpy(data.train.y[:512])

@@ -11,6 +11,7 @@ under DistributedDataParallel a parameter that requires a gradient but receives 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -18,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raeflow.models import capabilities as cap
-from raeflow.models.base import Autoencoder, Phase, Stage, TrainPlan, reconstruction_loss
+from raeflow.models.base import Autoencoder, OptimSpec, Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.classifier import classification_terms
+from raeflow.models.corruption import Corruption
 from raeflow.models.rbm import BERNOULLI, RBMSettings, RBMStack
 from raeflow.registry import register_model
 from raeflow.errors import ConfigError
@@ -38,6 +40,12 @@ class StackedDAE(Autoencoder):
     ``rbm`` (settings of :class:`raeflow.models.rbm.RBMSettings`; ``{}``: Hinton's) pretrains the stack as RBMs
     instead (stages ``rbm-1`` .. ``rbm-n``, ``train.stage_epochs.rbm`` epochs each: a deep belief net's greedy
     pretraining), copied into the layers when fine-tuning starts.
+
+    ``corruption_levels`` gives each layer its own level of the corruption's kind (the reference reproduction of
+    Vincent et al.: 0.1 / 0.2 / 0.3 from the bottom up; the paper chose levels on validation). ``finetune_optim``
+    fixes the fine-tuning optimiser whatever the run's (fields of :class:`raeflow.models.base.OptimSpec`, with
+    ``momentum`` a number): the paper and that reproduction fine-tune by plain SGD while pretraining often wants
+    Adam. Neither given: one level for every layer and the run's optimiser throughout, as before.
     """
 
     #: its fine-tuning stage trains a softmax head on the codes, so it classifies as well as reconstructs
@@ -46,7 +54,8 @@ class StackedDAE(Autoencoder):
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),
                  num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
-                 corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0, rbm: dict | None = None):
+                 corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0, rbm: dict | None = None,
+                 corruption_levels: Sequence[float] | None = None, finetune_optim: dict | None = None):
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
         widths = [int(h) for h in hidden]
@@ -72,6 +81,16 @@ class StackedDAE(Autoencoder):
         if settings is not None:
             self.rbms = RBMStack(self.sizes, BERNOULLI, settings)  # sigmoid layers: Bernoulli hidden units
         self.rbm = rbm
+        self.corruption_levels = None
+        if corruption_levels is not None:
+            if self.corruption is None:
+                raise ConfigError("sdae corruption_levels need a corruption kind (model.corruption)")
+            if len(corruption_levels) != self.num_layers:
+                raise ConfigError(f"sdae has {self.num_layers} layers but {len(corruption_levels)} corruption_levels")
+            # one Corruption per layer; the constructor checks each level against the kind's range
+            self._layer_corruptions = [dataclasses.replace(self.corruption, level=float(v)) for v in corruption_levels]
+            self.corruption_levels = [float(v) for v in corruption_levels]
+        self.finetune_optim = None if finetune_optim is None else _optim_spec(finetune_optim)
 
     # ------------------------------------------------------------------------------------------ plan
     def _names(self, prefix: str) -> list[str]:
@@ -83,7 +102,8 @@ class StackedDAE(Autoencoder):
         if self.rbm is not None:
             out = self.rbms.stages("rbms", plan.epochs_for("rbm"), frozen_besides=everything)
             tuned = [*self._names("enc"), "head"]
-            return [*out, Stage("finetune", plan.epochs_for("finetune"), phases=[Phase("main", modules=tuned)],
+            return [*out, Stage("finetune", plan.epochs_for("finetune"),
+                                phases=[Phase("main", modules=tuned, optim=self.finetune_optim)],
                                 supervised=True, frozen=[*self._names("dec"), "rbms"])]
         pre = plan.epochs_for("pretrain")
         if pre > 0:  # pretrain=0: the randomly initialised baseline of the paper's comparison
@@ -92,7 +112,8 @@ class StackedDAE(Autoencoder):
                 out.append(Stage(f"pretrain-{k}", pre, phases=[Phase("main", modules=trained)],
                                  frozen=[m for m in everything if m not in trained]))
         tuned = [*self._names("enc"), "head"]
-        out.append(Stage("finetune", plan.epochs_for("finetune"), phases=[Phase("main", modules=tuned)],
+        out.append(Stage("finetune", plan.epochs_for("finetune"),
+                         phases=[Phase("main", modules=tuned, optim=self.finetune_optim)],
                          supervised=True, frozen=self._names("dec")))
         return out
 
@@ -124,6 +145,12 @@ class StackedDAE(Autoencoder):
                 h = torch.sigmoid(h)  # the layer below's units are sigmoid
         return h
 
+    def _corrupt_layer(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Layer k's pretraining input, corrupted at its own level when ``corruption_levels`` is set."""
+        if self.corruption_levels is None or not self.training:
+            return self.corrupt(h)
+        return self._layer_corruptions[k - 1](h)
+
     def encoder_modules(self) -> list[nn.Module]:
         return [getattr(self, f"enc{k}") for k in range(1, self.num_layers + 1)]
 
@@ -148,7 +175,7 @@ class StackedDAE(Autoencoder):
                 raise ConfigError(f"sdae has {self.num_layers} layers; no stage {stage!r}")
             with torch.no_grad():  # the layers below are frozen: their clean output is this layer's data
                 clean = self._hidden(x, k - 1)  # (B, sizes[k-1])
-            raw = getattr(self, f"dec{k}")(getattr(self, f"enc{k}")(self.corrupt(clean)))
+            raw = getattr(self, f"dec{k}")(getattr(self, f"enc{k}")(self._corrupt_layer(clean, k)))
             recon = reconstruction_loss(raw, clean, self._layer_loss_kind(k))
             return {"loss": recon, "recon": recon}
         if stage == "finetune":
@@ -157,3 +184,18 @@ class StackedDAE(Autoencoder):
             return classification_terms(self.predict(x), y)
         raise ConfigError(f"sdae has no stage {stage!r}; its stages are pretrain-1..pretrain-{self.num_layers} "
                          "and finetune")
+
+
+def _optim_spec(d: dict) -> OptimSpec:
+    """``{kind, lr, momentum, weight_decay, schedule}`` -> OptimSpec; ``momentum`` a number (constant)."""
+    known = {f.name for f in dataclasses.fields(OptimSpec)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown finetune_optim settings {sorted(unknown)}; known: {sorted(known)}")
+    d = dict(d)
+    if "momentum" in d:
+        d["momentum"] = ((0, float(d["momentum"])),)
+    spec = OptimSpec(**d)
+    if spec.kind not in ("adam", "adamw", "sgd") or spec.lr <= 0:
+        raise ConfigError(f"finetune_optim needs kind adam|adamw|sgd and a positive lr; got {d}")
+    return spec
