@@ -1,4 +1,5 @@
-"""Ray Train engine: every variant's :class:`~raeflow.train.loop.Trainer`, data-parallel on a ``TorchTrainer``.
+"""Ray Train engine: every variant's :class:`~raeflow.train.loop.Trainer`, data-parallel on a ``TorchTrainer``
+(a plain ``DataParallelTrainer`` for one CPU worker: see :func:`_trainer_class`).
 
 Driver (:func:`fit_ray`): joins or starts Ray, checks resources (``--gpu`` with no GPU fails here, before any
 worker starts), puts the train and validation splits into Ray Data, and runs ``TorchTrainer.fit``. Rank 0 sends
@@ -21,6 +22,7 @@ Ray keeps the ``keep_checkpoints`` best plus always the latest, which is what a 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,8 +46,9 @@ from raeflow import raycluster  # noqa: I001
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import BackendConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # TorchTrainer's base in Train v2
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -273,11 +276,8 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
     # worker splits nothing: Ray Data would start a SplitCoordinator actor (600 MiB PSS measured streaming, Ray
     # 2.60) to hand every row to the only worker, which now runs the read pipeline itself.
     split = [] if workers == 1 else ["train", "val"] if mode == "stream" else ["train"]
-    from raeflow.train.rendezvous import NodeLocalTorchConfig
-
-    trainer = TorchTrainer(
+    trainer = _trainer_class(workers, bool(cfg.ray.gpu))(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
-        torch_config=NodeLocalTorchConfig(),  # torch.distributed's sockets on the node's address, not on every one
         dataset_config=ray.train.DataConfig(datasets_to_split=split),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.gpu),
                                      placement_strategy=_placement(cfg.ray.placement),
@@ -304,6 +304,24 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
         ray.kill(relay_q.actor)
     log(f"ray train: fit {time.perf_counter() - t0:.1f}s")
     return _best_model_state(result)
+
+
+def _trainer_class(workers: int, gpu: bool):
+    """The Ray Train trainer for this worker group: ``TorchTrainer`` with raeflow's node-local process group,
+    except for a single CPU worker, which has nobody to all-reduce with and gets a plain ``DataParallelTrainer``.
+
+    Why: the backend config travels to the TrainController actor, and ``ray.train.torch``'s config module imports
+    torch there. Measured streaming 200k rows (Ray 2.60, one worker): the controller's PSS 265 MiB with
+    ``TorchTrainer`` against ~115 MiB for a Ray actor without torch, and the torch import (2.2-2.5 s here) sits on
+    the path from ``fit`` to the first step. A one-process gloo group did nothing the worker uses (it all-reduces
+    only when world > 1). A GPU worker keeps ``TorchTrainer``: its device set-up is the torch backend's.
+    """
+    if workers == 1 and not gpu:
+        return functools.partial(DataParallelTrainer, backend_config=BackendConfig())
+    from raeflow.train.rendezvous import NodeLocalTorchConfig
+
+    # torch.distributed's sockets on the node's address, not on every interface
+    return functools.partial(TorchTrainer, torch_config=NodeLocalTorchConfig())
 
 
 def _placement(strategy: str) -> str:
