@@ -96,6 +96,39 @@ def test_one_cpu_worker_gets_a_trainer_whose_controller_needs_no_torch():
     assert out.stdout.decode().strip() == "True"
 
 
+def test_spool_relay_carries_reports_to_metrics_and_log_without_ray(tmp_path):
+    """The controller's callback appends every rank's relay items; the driver's relay writes rank 0's rows to
+    metrics.jsonl once each (a repeated epoch after a restart cuts the file back), logs every line, waits for a
+    line still being written, and removes the spool when it stops."""
+    from raeflow.train.ray_engine import RELAY_KEY, SPOOL, _Relay, _SpoolCallback
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    spool = run.path / SPOOL
+    logs: list[str] = []
+    relay = _Relay(spool, run, logs.append, poll_s=60)  # polled by hand below
+    cb = _SpoolCallback(str(spool))
+
+    def row(epoch, loss):
+        return ["row", {"epoch": epoch, "stage": "main", "train_loss": loss, "samples_per_s": 1e3, "epoch_s": 1.0}, 3]
+
+    cb.after_report(None, [{RELAY_KEY: [["log", "rank 0 up"]]}, {RELAY_KEY: [["log", "rank 1 up"]]}], None)
+    cb.after_report(None, [{"loss": 1.0, RELAY_KEY: [row(1, 0.5)]}, {RELAY_KEY: []}], None)
+    cb.after_report(None, [{RELAY_KEY: [row(2, 0.4)]}, {}], None)
+    with open(spool, "a") as f:
+        f.write('["log", "half a li')  # the controller mid-write
+    relay._drain()
+    assert logs[:2] == ["rank 0 up", "rank 1 up"] and len(logs) == 4
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+    with open(spool, "a") as f:
+        f.write('ne"]\n')
+    cb.after_report(None, [{RELAY_KEY: [row(2, 0.3)]}], None)  # epoch 2 again: the group restarted from epoch 1
+    relay.stop()
+    assert "half a line" in logs
+    assert [(r["epoch"], r["train_loss"]) for r in run.read_metrics()] == [(1, 0.5), (2, 0.3)]
+    assert relay.received == [1, 2, 2] and not spool.exists()
+
+
 def test_sparse_rows_survive_the_arrow_round_trip():
     """Document rows cross Ray as two list columns; a slice of blocks (offsets not starting at 0) comes back as
     the same CSR rows."""
