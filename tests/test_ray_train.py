@@ -72,8 +72,9 @@ def test_plan_workers_gpu_errors_are_clear():
         plan_workers(0, 2.0)
 
 
-def test_one_cpu_worker_gets_a_trainer_whose_controller_needs_no_torch():
-    """The TrainController unpickles the trainer's backend config: for one CPU worker that must not import torch
+def test_one_cpu_worker_gets_a_trainer_whose_controller_needs_no_torch(tmp_path):
+    """The TrainController unpickles the trainer's backend config and raeflow's callback: for one CPU worker
+    neither may import torch
     (measured: 265 -> 131 MiB PSS for the controller, and torch's 2.2-2.5 s import off the path to the first
     step); a group of several keeps TorchTrainer and raeflow's node-local process group."""
     import pickle
@@ -82,11 +83,12 @@ def test_one_cpu_worker_gets_a_trainer_whose_controller_needs_no_torch():
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from raeflow.train.ray_engine import _trainer_class
+    from raeflow.train.spool import SpoolCallback
 
     one, two, gpu = _trainer_class(1, False), _trainer_class(2, False), _trainer_class(1, True)
     assert one.func is DataParallelTrainer and two.func is TorchTrainer and gpu.func is TorchTrainer
     assert type(two.keywords["torch_config"]).__name__ == "NodeLocalTorchConfig"
-    blob = pickle.dumps(one.keywords["backend_config"])
+    blob = pickle.dumps([one.keywords["backend_config"], SpoolCallback(str(tmp_path / "spool"))])
     code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True)
     assert out.stdout.decode().strip() == "False"
@@ -100,14 +102,15 @@ def test_spool_relay_carries_reports_to_metrics_and_log_without_ray(tmp_path):
     """The controller's callback appends every rank's relay items; the driver's relay writes rank 0's rows to
     metrics.jsonl once each (a repeated epoch after a restart cuts the file back), logs every line, waits for a
     line still being written, and removes the spool when it stops."""
-    from raeflow.train.ray_engine import RELAY_KEY, SPOOL, _Relay, _SpoolCallback
+    from raeflow.train.ray_engine import _Relay
+    from raeflow.train.spool import RELAY_KEY, SPOOL, SpoolCallback
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     spool = run.path / SPOOL
     logs: list[str] = []
     relay = _Relay(spool, run, logs.append, poll_s=60)  # polled by hand below
-    cb = _SpoolCallback(str(spool))
+    cb = SpoolCallback(str(spool))
 
     def row(epoch, loss):
         return ["row", {"epoch": epoch, "stage": "main", "train_loss": loss, "samples_per_s": 1e3, "epoch_s": 1.0}, 3]

@@ -51,12 +51,12 @@ import ray.train
 from ray.train import BackendConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # TorchTrainer's base in Train v2
-from ray.train import UserCallback
 
 from raeflow.config import RunConfig as RaeRunConfig
 from raeflow.data import ArrayDataset, SparseRows, TrainingData
 from raeflow.data.stream import StreamedData, as_float, in_memory_bytes
 from raeflow.registry import build_model
+from raeflow.train.spool import RELAY_KEY, SPOOL, SpoolCallback
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value, window_shuffled
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
@@ -172,28 +172,6 @@ def _ray_run(run: RunDir, cfg: RaeRunConfig, resume: bool) -> dict[str, str]:
     return rec
 
 
-#: Key of the reported metrics that carries a worker's relay items (log lines, rank 0's epoch row) to the controller.
-RELAY_KEY = "raeflow_relay"
-SPOOL = ".relay.jsonl"  # in the run directory; removed when fit returns
-
-
-class _SpoolCallback(UserCallback):
-    """In the TrainController: appends the relay items of every report to the spool, rank by rank.
-
-    The controller runs on the driver's node (Ray Train pins it there), so the driver reads the file directly. A
-    queue actor did this before: one more Ray process (67 MiB PSS measured) for a few lines an epoch.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        items = [item for m in metrics for item in (m or {}).get(RELAY_KEY, ())]
-        if items:
-            with open(self.path, "a") as f:
-                f.write("".join(json.dumps(item) + "\n" for item in items))
-
-
 class _Relay:
     """Driver thread: tails the spool, writes ``metrics.jsonl`` and logs the lines.
 
@@ -307,7 +285,7 @@ def _fit(cfg, model, data, run, resume, plan, log) -> dict[str, torch.Tensor]:
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.ray.gpu else {})}),
         run_config=RunConfig(
-            name=rec["name"], storage_path=rec["storage_path"], callbacks=[_SpoolCallback(str(spool))],
+            name=rec["name"], storage_path=rec["storage_path"], callbacks=[SpoolCallback(str(spool))],
             # max_failures: worker-group restarts from the latest checkpoint. controller_failure_limit=0: a
             # worker group that cannot start is an error, not an endless retry (with Ray 2.60's default
             # controller_failure_limit=-1 a failed start leaks its placement group and the next fit retries forever).
