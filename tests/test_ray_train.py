@@ -132,6 +132,27 @@ def test_spool_relay_carries_reports_to_metrics_and_log_without_ray(tmp_path):
     assert relay.received == [1, 2, 2] and not spool.exists()
 
 
+def test_pace_data_executor_floors_each_scheduling_step(monkeypatch):
+    """The Train worker's pacing of Ray Data's scheduling loop: the private method it wraps still exists in the
+    pinned Ray, each step that continues takes at least the floor, the last one (False) returns at once, and a
+    second call does not wrap twice."""
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from raeflow.train.ray_engine import pace_data_executor
+
+    assert callable(StreamingExecutor._scheduling_loop_step)
+    calls = []
+    monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step",
+                        lambda self, topology: calls.append(topology) or len(calls) < 5)
+    pace_data_executor(0.03)
+    pace_data_executor(0.03)
+    t0 = time.perf_counter()
+    results = [StreamingExecutor._scheduling_loop_step(None, i) for i in range(5)]
+    took = time.perf_counter() - t0
+    assert results == [True, True, True, True, False] and calls == [0, 1, 2, 3, 4]  # wrapped once
+    assert 4 * 0.03 <= took < 4 * 0.03 + 0.1
+
+
 def test_sparse_rows_survive_the_arrow_round_trip():
     """Document rows cross Ray as two list columns; a slice of blocks (offsets not starting at 0) comes back as
     the same CSR rows."""
