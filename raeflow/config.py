@@ -54,7 +54,7 @@ class TrainConfig:
 class RayConfig:
     workers: int = 1  # data-parallel workers (fractional CPUs when there are fewer cores than workers)
     gpu: bool = False  # one GPU per worker; fails at once when the cluster has none
-    address: str | None = None  # an existing cluster ("auto" or ray://...); None: start a local Ray
+    address: str | None = None  # an existing cluster ("auto", host:port, RAY_ADDRESS); None: start a local Ray
     storage_path: str | None = None  # shared storage URI for checkpoints on a multi-node cluster
     max_failures: int = 1  # worker failures survived (restart from the latest checkpoint)
     #: Ray placement group strategy for the worker group: PACK (Ray's default: fewest nodes, cheapest all-reduce)

@@ -1,6 +1,7 @@
 """Starting or joining Ray, the same way for ``train``, ``embed`` and ``serve``.
 
-``--address auto`` / ``ray://…`` (or ``RAY_ADDRESS``) joins an existing cluster; otherwise a local Ray instance
+``--address auto`` / ``ray://…`` (or ``RAY_ADDRESS``) joins an existing cluster (``raeflow train`` refuses Ray
+Client, ``ray://``: its Train controller would write progress on the head node); otherwise a local Ray instance
 is started in this process with settings measured to work on small shared machines (a 2-core, 24 GiB VM): no
 dashboard (halves the start time and memory), a bounded object store, no usage-stats upload, no per-line
 print patching in Train workers, no Ray Data progress bars, and every socket on 127.0.0.1.

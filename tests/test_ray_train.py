@@ -153,6 +153,22 @@ def test_pace_data_executor_floors_each_scheduling_step(monkeypatch):
     assert 4 * 0.03 <= took < 4 * 0.03 + 0.1
 
 
+def test_ray_client_addresses_are_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Train's controller runs on the driver's node; under Ray Client that is the head, where the spool would be
+    written: refused with advice, before any connection or run directory work."""
+    from raeflow.errors import InputError
+    from raeflow.train.ray_engine import fit_ray
+
+    cfg = RunConfig(variant="ae", output=str(tmp_path / "run"))
+    cfg.ray.address = "ray://head:10001"
+    with pytest.raises(InputError, match="ray job submit"):
+        fit_ray(cfg, None, None, None, False, log=lambda s: None)
+    cfg.ray.address = None
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(InputError, match="Ray Client"):
+        fit_ray(cfg, None, None, None, False, log=lambda s: None)
+
+
 def test_sparse_rows_survive_the_arrow_round_trip():
     """Document rows cross Ray as two list columns; a slice of blocks (offsets not starting at 0) comes back as
     the same CSR rows."""

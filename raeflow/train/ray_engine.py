@@ -233,6 +233,15 @@ class _Relay:
 def fit_ray(cfg: RaeRunConfig, model: nn.Module, data: TrainingData, run: RunDir, resume: bool,
             log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """Train on Ray Train; returns the selected (best, final-stage) model state."""
+    from ray.util.client import ray as ray_client
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
+    if ray_client.is_connected() or address.startswith("ray://"):
+        # Train places its controller on the node that runs the driver: under Ray Client that is the cluster's
+        # head, not this machine, so the controller's spool (and Ray's local checkpoints) would never reach here.
+        raise InputError("raeflow train does not run over Ray Client (ray://): progress and checkpoints are "
+                         "written on the cluster's head node. Run the driver on the cluster instead: "
+                         "ray job submit --address http://HEAD:8265 -- raeflow train --address auto ...")
     plan = preflight(cfg, log, data_bytes=in_memory_bytes(data))
     try:
         return _fit(cfg, model, data, run, resume, plan, log)
