@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from raeflow.models import capabilities as cap
 from raeflow.models.base import Autoencoder, OptimSpec, Phase, Stage, TrainPlan, reconstruction_loss
 from raeflow.models.classifier import classification_terms
-from raeflow.models.corruption import Corruption
 from raeflow.models.rbm import BERNOULLI, RBMSettings, RBMStack
 from raeflow.registry import register_model
 from raeflow.errors import ConfigError
