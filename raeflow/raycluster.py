@@ -68,6 +68,11 @@ def object_store_for(nbytes: int) -> int:
     return max(MIN_OBJECT_STORE, int(math.ceil(2 * nbytes / MiB)) * MiB + 128 * MiB)
 
 
+def resolved_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else ``RAY_ADDRESS``; None means a local Ray instance of our own."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None,
                log_to_driver: bool = False, owner: str = "user", log: Callable[[str], None] = print) -> bool:
     """Make sure this process is connected to Ray; returns True when it started a local instance just now.
@@ -83,7 +88,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolved_address(address)
     if address:
         try:
             ray.init(address=address, log_to_driver=log_to_driver)

@@ -80,15 +80,14 @@ class StackedDAE(Autoencoder):
         if settings is not None:
             self.rbms = RBMStack(self.sizes, BERNOULLI, settings)  # sigmoid layers: Bernoulli hidden units
         self.rbm = rbm
-        self.corruption_levels = None
+        self._layer_corruptions = None  # one Corruption per layer when corruption_levels is given
         if corruption_levels is not None:
             if self.corruption is None:
                 raise ConfigError("sdae corruption_levels need a corruption kind (model.corruption)")
             if len(corruption_levels) != self.num_layers:
                 raise ConfigError(f"sdae has {self.num_layers} layers but {len(corruption_levels)} corruption_levels")
-            # one Corruption per layer; the constructor checks each level against the kind's range
+            # the Corruption constructor checks each level against the kind's range
             self._layer_corruptions = [dataclasses.replace(self.corruption, level=float(v)) for v in corruption_levels]
-            self.corruption_levels = [float(v) for v in corruption_levels]
         self.finetune_optim = None if finetune_optim is None else _optim_spec(finetune_optim)
 
     # ------------------------------------------------------------------------------------------ plan
@@ -146,7 +145,7 @@ class StackedDAE(Autoencoder):
 
     def _corrupt_layer(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """Layer k's pretraining input, corrupted at its own level when ``corruption_levels`` is set."""
-        if self.corruption_levels is None or not self.training:
+        if self._layer_corruptions is None or not self.training:
             return self.corrupt(h)
         return self._layer_corruptions[k - 1](h)
 

@@ -235,8 +235,7 @@ def fit_ray(cfg: RaeRunConfig, model: nn.Module, data: TrainingData, run: RunDir
     """Train on Ray Train; returns the selected (best, final-stage) model state."""
     from ray.util.client import ray as ray_client
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
-    if ray_client.is_connected() or address.startswith("ray://"):
+    if ray_client.is_connected() or (raycluster.resolved_address(cfg.ray.address) or "").startswith("ray://"):
         # Train places its controller on the node that runs the driver: under Ray Client that is the cluster's
         # head, not this machine, so the controller's spool (and Ray's local checkpoints) would never reach here.
         raise InputError("raeflow train does not run over Ray Client (ray://): progress and checkpoints are "
