@@ -118,6 +118,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
     return True
 
 
+def owns_instance() -> bool:
+    """True when this process is on a local Ray instance that raeflow started (and will stop), whoever the owner."""
+    import ray
+
+    return _started_by is not None and ray.is_initialized()
+
+
 def shutdown_if_started(owner: str = "user") -> None:
     """Stop the local Ray instance that ``ensure_ray(owner=owner)`` started (a joined cluster is left alone)."""
     global _started_by
