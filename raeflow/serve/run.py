@@ -77,8 +77,8 @@ class ServerSpec:
 def use_direct_ingress(spec: ServerSpec) -> bool:
     """Whether the replicas answer HTTP themselves: as asked, else yes when this command starts its own Ray.
 
-    Direct ingress is the default because it is the fast path (BENCHMARKS.md, "Serving": 1.25x the plain server
-    at 32 clients for the conv DAE, against 0.34x through the proxy). Its flags are read when Ray starts, so a
+    Direct ingress is the default because it is the fast path (BENCHMARKS.md, "Serving": 1.15-1.16x the plain server
+    at 32 clients, against 0.21-0.26x through the proxy). Its flags are read when Ray starts, so a
     joined cluster (``--address``, ``RAY_ADDRESS``, or Ray already initialised in this process) keeps Serve's
     proxy -- which is also the right choice there: one port in front of replicas spread over several nodes,
     routed by load.
