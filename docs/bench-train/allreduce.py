@@ -1,16 +1,25 @@
-"""Where a --workers 2 step goes on this 2-core host: the same 784-1000-500-250-30 AE, 256 rows per rank, one
-torch thread per rank, gloo over loopback. Times per step: forward+backward alone (no DDP), the all-reduce of the
-gradients alone (11.3 MB), and a DDP step (overlapped), each averaged over 30 steps after 5 warm-up steps."""
-import os, sys, time
-import torch, torch.distributed as dist, torch.multiprocessing as mp
+"""Where a --workers 2 step goes on this 2-core host, without Ray: `raeflow bench train`'s own model and loss
+(`ae` 784-1000-500-250-30, BCE, Adam 1e-3), 256 rows per rank, one torch thread per rank, gloo over loopback. Times
+per step: forward+backward alone (no DDP), the all-reduce of the gradients alone (11.3 MB), and a DDP step, each
+averaged over 30 steps after 5 warm-up steps; and the plain loop's step of 512 rows on two threads.
+
+    python docs/bench-train/allreduce.py
+"""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
+from raeflow.bench.train import HIDDEN, LATENT
+from raeflow.registry import build_model
+
+
 def model():
-    dims = [784, 1000, 500, 250, 30]
-    enc = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1]
-    r = dims[::-1]
-    dec = [m for a, b in zip(r, r[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1]
-    return nn.Sequential(*enc, *dec, nn.Sigmoid())
+    return build_model("ae", input_shape=[1, 28, 28], latent_dim=LATENT, hidden=HIDDEN)  # as bench train's _model
+
 
 def run(rank, world, q):
     torch.set_num_threads(1)
@@ -18,9 +27,9 @@ def run(rank, world, q):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     m = model(); opt = torch.optim.Adam(m.parameters(), 1e-3)
-    x = torch.rand(256, 784)
+    x = torch.rand(256, 1, 28, 28)
     def step():
-        opt.zero_grad(); loss = nn.functional.binary_cross_entropy(m(x), x, reduction="sum"); loss.backward(); opt.step()
+        opt.zero_grad(); loss = m(x)["loss"]; loss.backward(); opt.step()
     def timed(f, n=30, warm=5):
         for _ in range(warm): f()
         dist.barrier(); t = time.perf_counter(); c = time.process_time()
@@ -33,16 +42,16 @@ def run(rank, world, q):
     ddp = nn.parallel.DistributedDataParallel(m)
     opt2 = torch.optim.Adam(ddp.parameters(), 1e-3)
     def dstep():
-        opt2.zero_grad(); loss = nn.functional.binary_cross_entropy(ddp(x), x, reduction="sum"); loss.backward(); opt2.step()
+        opt2.zero_grad(); loss = ddp(x)["loss"]; loss.backward(); opt2.step()
     res["ddp step"] = timed(dstep)
     if rank == 0: q.put(res)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    m = model(); opt = torch.optim.Adam(m.parameters(), 1e-3); x = torch.rand(512, 784)
+    m = model(); opt = torch.optim.Adam(m.parameters(), 1e-3); x = torch.rand(512, 1, 28, 28)
     def step():
-        opt.zero_grad(); loss = nn.functional.binary_cross_entropy(m(x), x, reduction="sum"); loss.backward(); opt.step()
+        opt.zero_grad(); loss = m(x)["loss"]; loss.backward(); opt.step()
     for _ in range(5): step()
     t = time.perf_counter(); c = time.process_time()
     for _ in range(30): step()
