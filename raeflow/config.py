@@ -21,7 +21,7 @@ class DataConfig:
     # validation rows: built-ins the last ones of train, user corpora by a hash of each id; None: 5,000 (10% of small sets)
     val_size: float | int | None = None
     vocab_size: int = 2000  # documents: most frequent word stems kept (Hinton & Salakhutdinov used 2,000)
-    weighting: str = "log"  # documents: counts | log | tfidf | prob
+    weighting: str = "log"  # documents: counts | log | tfidf | prob | raw (counts, for Poisson RBMs)
     # auto | memory | stream. A user corpus larger than half the data budget is streamed by Ray Data tasks (the
     # driver never holds it); smaller ones are read once into memory, which is faster. Built-ins: memory.
     read: str = "auto"
@@ -305,7 +305,7 @@ _SCHEMA = [
     ("data", "dataset", _Str()),
     ("data", "val_size", _ValSize()),
     ("data", "vocab_size", _Int(1, 1_000_000)),  # the model's input width: bounded like a layer
-    ("data", "weighting", _Choice(("counts", "log", "tfidf", "prob"))),
+    ("data", "weighting", _Choice(("counts", "log", "tfidf", "prob", "raw"))),
     ("data", "read", _Choice(("auto", "memory", "stream"))),
     ("data", "shuffle_buffer", _Int(0, 10_000)),  # batches held by each worker: bounded memory
     ("train", "epochs", _Int(1, MAX_EPOCHS)),

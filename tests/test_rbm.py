@@ -10,21 +10,24 @@ import torch
 from raeflow.config import TrainConfig
 from raeflow.data import load_training_data
 from raeflow.models.ae import DenseAE
-from raeflow.models.base import TrainPlan
-from raeflow.models.rbm import GAUSSIAN, RBM
+from raeflow.models.base import TrainPlan, reconstruction_loss
+from raeflow.models.rbm import GAUSSIAN, POISSON, RBM
 from raeflow.train.loop import TensorBatches, Trainer, seed_everything
 
 
-@pytest.mark.parametrize("hidden", ["bernoulli", GAUSSIAN])
-def test_cd1_surrogate_gradient_is_the_hand_computed_cd_estimate(hidden):
+@pytest.mark.parametrize("hidden,visible", [("bernoulli", "bernoulli"), (GAUSSIAN, "bernoulli"),
+                                            ("bernoulli", POISSON)])
+def test_cd1_surrogate_gradient_is_the_hand_computed_cd_estimate(hidden, visible):
     """autograd on the surrogate loss gives -(<v h>_data - <v h>_model) / B, with <.>_model from one Gibbs step
-    computed here by hand from the same random numbers; plus weight_cost * W on the weights only."""
+    computed here by hand from the same random numbers; plus weight_cost * W on the weights only. Poisson visible
+    units: the negative data are the rates N * softmax(h W + b), N each document's word count."""
     torch.manual_seed(0)
-    rbm = RBM(5, 3, hidden)
+    rbm = RBM(5, 3, hidden, visible=visible)
     with torch.no_grad():
         rbm.hidden_bias.normal_()
         rbm.visible_bias.normal_()
-    v = torch.rand(7, 5)  # grey levels, as Hinton's code feeds them
+    # grey levels, as Hinton's code feeds them; or word counts 0..6, one document without any vocabulary word
+    v = torch.rand(7, 5) if visible == "bernoulli" else torch.randint(0, 7, (7, 5)).float() * (torch.arange(7) > 0)[:, None]
     W, c, b = rbm.weight.detach(), rbm.hidden_bias.detach(), rbm.visible_bias.detach()
     wc = 0.01
 
@@ -41,7 +44,11 @@ def test_cd1_surrogate_gradient_is_the_hand_computed_cd_estimate(hidden):
     else:
         ph = pre
         h = ph + torch.randn(7, 3)
-    v_neg = torch.sigmoid(h @ W + b)  # (7, 5)
+    if visible == "bernoulli":
+        v_neg = torch.sigmoid(h @ W + b)  # (7, 5)
+    else:
+        v_neg = v.sum(1, keepdim=True) * torch.softmax(h @ W + b, dim=1)
+        torch.testing.assert_close(v_neg.sum(1), v.sum(1))  # rates sum to the length; the empty row stays empty
     pre_neg = v_neg @ W.T + c
     ph_neg = torch.sigmoid(pre_neg) if hidden == "bernoulli" else pre_neg
     grad_w = -(ph.T @ v - ph_neg.T @ v_neg) / 7 + wc * W  # (3, 5), nn.Linear layout
@@ -51,6 +58,63 @@ def test_cd1_surrogate_gradient_is_the_hand_computed_cd_estimate(hidden):
     torch.testing.assert_close(rbm.hidden_bias.grad, grad_c, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rbm.visible_bias.grad, grad_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["recon"], ((v - v_neg) ** 2).sum(1).mean())
+
+
+def test_multinomial_loss_is_the_cross_entropy_of_each_documents_word_distribution():
+    counts = torch.tensor([[2.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])  # (3, 4)
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 0.0, 0.0]])
+    q = torch.softmax(logits, dim=1)
+    by_hand = [-(0.5 * q[0, 0].log() + 0.25 * q[0, 1].log() + 0.25 * q[0, 3].log()), 0.0, -q[2, 1].log()]
+    # per document, not per word: the 5-word and 4-word documents weigh the same; the empty one adds nothing
+    torch.testing.assert_close(reconstruction_loss(logits, counts, "multinomial"), sum(by_hand) / 3)
+    with pytest.raises(ValueError, match="multinomial"):
+        reconstruction_loss(logits, counts, "poisson")
+
+
+def test_document_model_unrolls_a_poisson_bottom_rbm_into_a_softmax_decoder():
+    """Hinton & Salakhutdinov's document AE: counts in, word distribution out. Before fine-tuning, the unrolled
+    net computes the RBM stack's mean-field pass, whose bottom rates divided by N are the decoder's softmax."""
+    torch.manual_seed(0)
+    model = DenseAE(input_shape=(12,), latent_dim=2, hidden=(8, 4), activation="sigmoid", loss="multinomial",
+                    rbm={}).eval()
+    assert [model.rbms.layer(k).visible for k in (1, 2, 3)] == [POISSON, "bernoulli", "bernoulli"]
+    assert not model.bounded  # counts in: no [0, 1] check may refuse them
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            model.rbms.layer(k).visible_bias.normal_()
+    x = torch.randint(0, 4, (5, 12)).float() + torch.eye(5, 12)  # (5, 12) counts, every row non-empty
+    model.enter_stage(model.stages(TrainPlan(stage_epochs={"rbm": 1, "finetune": 1}))[-1], fresh=True)
+    out = model.reconstruct(x)
+    torch.testing.assert_close(out.sum(1), torch.ones(5))
+    torch.testing.assert_close(out, model.rbms.mean_field_reconstruction(x) / x.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="word counts"):
+        DenseAE(input_shape=(12,), latent_dim=2, hidden=(8,), activation="sigmoid", loss="mse", rbm={})
+
+
+def test_poisson_rbm_learns_topics_from_word_counts():
+    """CD-1 on documents drawn from two disjoint 'topics' (words 0-9 vs 10-19): the one-step reconstruction error
+    falls, and the hidden means tell the topics apart (a behaviour, not just a run)."""
+    g = torch.Generator().manual_seed(0)
+    topic = torch.arange(400) % 2  # (400,)
+    probs = torch.zeros(400, 20)
+    probs[topic == 0, :10] = 0.1
+    probs[topic == 1, 10:] = 0.1
+    lengths = torch.randint(20, 80, (400,), generator=g)
+    docs = torch.stack([torch.bincount(torch.multinomial(p, int(n), replacement=True, generator=g), minlength=20)
+                        for p, n in zip(probs, lengths)]).float()  # (400, 20) counts
+    torch.manual_seed(0)
+    rbm = RBM(20, 4, visible=POISSON, init_std=0.01)
+    opt = torch.optim.SGD(rbm.parameters(), lr=0.001, momentum=0.5)
+    first = rbm.cd_terms(docs)["recon"].item()
+    for _ in range(30):
+        for i in range(0, 400, 50):
+            opt.zero_grad()
+            rbm.cd_terms(docs[i:i + 50])["loss"].backward()
+            opt.step()
+    assert rbm.cd_terms(docs)["recon"].item() < 0.5 * first
+    h = rbm.hidden_mean(docs).detach()
+    gap = (h[topic == 0].mean(0) - h[topic == 1].mean(0)).abs().max().item()
+    assert gap > 0.5, gap
 
 
 def _small_rbm_ae(**kw) -> DenseAE:

@@ -111,7 +111,7 @@ def read_text_file(path: str | Path) -> str:
     return check_document(text, str(path))
 
 
-WEIGHTINGS = ("counts", "log", "tfidf", "prob")
+WEIGHTINGS = ("counts", "log", "tfidf", "prob", "raw")
 _FORMAT = "raeflow-vectoriser/1"
 # Runs of two or more letters (any alphabet), after lower-casing. Single letters are dropped as scikit-learn's
 # tokeniser does (its stop-word list assumes that): the corpora split "it's" into "it s", and "s"/"t" would
@@ -121,12 +121,14 @@ _STEMMER = "snowball-english"
 
 
 class Vectoriser:
-    """Documents -> ``(N, V)`` float32 rows in [0, 1] over the ``vocab_size`` most frequent training stems.
+    """Documents -> ``(N, V)`` float32 rows over the ``vocab_size`` most frequent training stems.
 
     Tokens are lower-cased runs of 2+ letters; scikit-learn's English stop words are dropped, the rest stemmed with
     Snowball (English). Weighting: ``counts``, ``log`` (log1p of counts), ``tfidf`` (smoothed idf
     ``ln((1+n)/(1+df)) + 1`` from the training documents) — each row then L2-normalised — or ``prob``
-    (counts / the document's in-vocabulary word count: the paper's word probabilities, summing to 1).
+    (counts / the document's in-vocabulary word count: the paper's word probabilities, summing to 1). Those rows are
+    in [0, 1]. ``raw`` keeps the word counts themselves, unbounded: what a constrained-Poisson RBM models, whose
+    visible rates must sum to the document's length (a model reading them normalises them itself).
     A document with no vocabulary word gives an all-zero row.
     """
 
@@ -258,6 +260,8 @@ class Vectoriser:
         """Counts -> the weighting's rows (see the class docstring), still sparse."""
         import scipy.sparse as sp
 
+        if self.weighting == "raw":
+            return x
         if self.weighting == "prob":
             return (sp.diags(1.0 / np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)) @ x).astype(np.float32).tocsr()
         if self.weighting == "log":
@@ -269,7 +273,7 @@ class Vectoriser:
         return x.astype(np.float32).tocsr()
 
     def transform(self, docs: Sequence[str]) -> np.ndarray:
-        """``(len(docs), V)`` float32, each row in [0, 1]: dense, for batches (embed, serve, evaluation sets)."""
+        """``(len(docs), V)`` float32, each row in [0, 1] (``raw``: counts): dense, for batches (embed, serve, evaluation sets)."""
         if self.vocabulary is None:
             raise RuntimeError("the Vectoriser is not fitted: call fit(training_docs) or Vectoriser.from_json(...)")
         docs = self._check_docs(docs)

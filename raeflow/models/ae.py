@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raeflow.models.base import Autoencoder, Stage, TrainPlan, mlp
-from raeflow.models.rbm import BERNOULLI, GAUSSIAN, RBMSettings, RBMStack
+from raeflow.models.rbm import BERNOULLI, GAUSSIAN, POISSON, RBMSettings, RBMStack
 from raeflow.registry import register_model
 from raeflow.errors import ConfigError
 
@@ -26,7 +26,9 @@ class DenseAE(Autoencoder):
     encoder greedily as a stack of RBMs, stages ``rbm-1`` .. ``rbm-n`` (``train.stage_epochs.rbm`` epochs each),
     then unrolls them into encoder and decoder and fine-tunes the whole net, stage ``finetune``
     (``train.stage_epochs.finetune``, default ``train.epochs``), with the run's optimiser. It needs logistic
-    hidden units and a linear (Gaussian-hidden top RBM) or sigmoid code. ``sparse_init=K`` initialises every
+    hidden units and a linear (Gaussian-hidden top RBM) or sigmoid code. With ``loss="multinomial"`` (word counts
+    in, their distribution out) the bottom RBM has constrained Poisson visible units: Hinton & Salakhutdinov's
+    document model. ``sparse_init=K`` initialises every
     layer as Martens (2010) did: K non-zero N(0, 1) incoming weights per unit, zero biases.
     """
 
@@ -54,11 +56,13 @@ class DenseAE(Autoencoder):
             if activation != "sigmoid" or code_activation not in ("linear", "sigmoid"):
                 raise ConfigError("RBM pretraining needs activation: sigmoid (Bernoulli hidden units) and "
                                  f"code_activation linear or sigmoid; got {activation!r} / {code_activation!r}")
-            if loss != "bce":
-                raise ConfigError(f"RBM pretraining models data in [0, 1] (Bernoulli visible units): use loss: "
-                                 f"bce, not {loss!r}")
+            if loss not in ("bce", "multinomial"):
+                raise ConfigError(f"RBM pretraining models data in [0, 1] (Bernoulli visible units, loss: bce) or "
+                                 f"word counts (constrained Poisson visible units, loss: multinomial), not {loss!r}")
             top = GAUSSIAN if code_activation == "linear" else BERNOULLI
-            self.rbms = RBMStack(sizes, top, settings)  # (only for pretraining; unrolled into the layers)
+            # A multinomial decoder is the unrolled bottom RBM's softmax over words: Poisson visible units.
+            bottom = POISSON if loss == "multinomial" else BERNOULLI
+            self.rbms = RBMStack(sizes, top, settings, bottom)  # (only for pretraining; unrolled into the layers)
         self.rbm = rbm
 
     # ------------------------------------------------------------------------------------------ plan

@@ -101,8 +101,14 @@ def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, kind: str) -> torch.
         per = (torch.sigmoid(raw) - x) ** 2
     elif kind == "mse_linear":  # unbounded data (or linear AE compared with PCA): no squashing
         per = (raw - x) ** 2
+    elif kind == "multinomial":
+        # Word counts (any scale): the cross-entropy of the document's word distribution x / sum(x) under the
+        # decoder's softmax, Hinton & Salakhutdinov's document fine-tuning loss. Per document, not per word, so a
+        # long post weighs no more than a short one. An all-zero row (no vocabulary word) contributes nothing.
+        p = x / x.sum(1, keepdim=True).clamp_min(1e-12)  # (B, V)
+        per = -p * F.log_softmax(raw, dim=1)
     else:
-        raise ConfigError(f"unknown reconstruction loss {kind!r}; use 'bce', 'mse' or 'mse_linear'")
+        raise ConfigError(f"unknown reconstruction loss {kind!r}; use 'bce', 'mse', 'mse_linear' or 'multinomial'")
     return per.sum(1).mean()
 
 
@@ -136,8 +142,9 @@ class Autoencoder(nn.Module):
 
     @property
     def bounded(self) -> bool:
-        """Inputs and outputs are intensities in [0, 1]; False for a linear decoder (any finite value)."""
-        return self.loss_kind != "mse_linear"
+        """Inputs and outputs are intensities in [0, 1]; False for a linear decoder (any finite value) and for word
+        counts (``multinomial``: the input is counts, the output their distribution)."""
+        return self.loss_kind not in ("mse_linear", "multinomial")
 
     @property
     def input_dim(self) -> int:
@@ -151,7 +158,8 @@ class Autoencoder(nn.Module):
         return self._encode(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim) -> (B, *input_shape) in data space ([0, 1] unless the loss is ``mse_linear``)."""
+        """(B, latent_dim) -> (B, *input_shape) in data space ([0, 1] unless the loss is ``mse_linear``; for
+        ``multinomial`` the word distribution, each row summing to 1)."""
         return self._activate(self._decode_raw(z)).reshape(z.shape[0], *self.input_shape)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +209,8 @@ class Autoencoder(nn.Module):
         return x
 
     def _activate(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.loss_kind == "multinomial":  # (B, V) logits -> the word distribution, rows summing to 1
+            return torch.softmax(raw.flatten(1), dim=1).reshape(raw.shape)
         return raw if self.loss_kind == "mse_linear" else torch.sigmoid(raw)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

@@ -12,6 +12,11 @@ gradient -(<v h>_data - <v h>_model): exactly CD's update, sign-flipped for a mi
 ``forward``, so DDP averages it across workers and checkpoints/resume work as for every other stage. Hinton's
 weight cost (2e-4 on the weights, not the biases) is the gradient of ``weight_cost / 2 * ||W||^2``, added to it.
 
+Documents: the bottom RBM of their document model has *constrained Poisson* visible units over word counts
+(Salakhutdinov & Hinton, "Semantic hashing", 2009, eq. 4): p(h_j=1|v) = sigmoid(b_j + W_j.v) on the counts, and
+the visible rates N * softmax(c + W^T h), which sum to the document's length N. The free energy above is unchanged
+(it is the hidden side's), so the same surrogate gives CD's update; only the negative data differ.
+
 The settings are those of the authors' Matlab code (``rbm.m``, ``rbmhidlinear.m``, ``mnistdeepauto.m``).
 """
 from __future__ import annotations
@@ -26,22 +31,26 @@ import torch.nn.functional as F
 from raeflow.errors import ConfigError
 from raeflow.models.base import OptimSpec, Phase, Stage
 
-BERNOULLI, GAUSSIAN = "bernoulli", "gaussian"
+BERNOULLI, GAUSSIAN, POISSON = "bernoulli", "gaussian", "poisson"
 
 
 class RBM(nn.Module):
-    """Bernoulli visible units; Bernoulli (logistic) hidden units, or linear hidden units with unit-variance
-    Gaussian noise (``hidden="gaussian"``: the code layer of Hinton & Salakhutdinov's autoencoder).
+    """Bernoulli visible units, or constrained Poisson ones over word counts (``visible="poisson"``); Bernoulli
+    (logistic) hidden units, or linear hidden units with unit-variance Gaussian noise (``hidden="gaussian"``: the
+    code layer of Hinton & Salakhutdinov's autoencoder).
 
     ``weight`` is (n_hidden, n_visible), nn.Linear's layout, so unrolling is a copy: the encoder layer gets
     ``weight`` / ``hidden_bias``, the mirrored decoder layer ``weight.T`` / ``visible_bias``.
     """
 
-    def __init__(self, n_visible: int, n_hidden: int, hidden: str = BERNOULLI, init_std: float = 0.1):
+    def __init__(self, n_visible: int, n_hidden: int, hidden: str = BERNOULLI, init_std: float = 0.1,
+                 visible: str = BERNOULLI):
         super().__init__()
         if hidden not in (BERNOULLI, GAUSSIAN):
             raise ConfigError(f"unknown RBM hidden units {hidden!r}; use {BERNOULLI!r} or {GAUSSIAN!r}")
-        self.hidden = hidden
+        if visible not in (BERNOULLI, POISSON):
+            raise ConfigError(f"unknown RBM visible units {visible!r}; use {BERNOULLI!r} or {POISSON!r}")
+        self.hidden, self.visible = hidden, visible
         # Hinton's init: weights 0.1 * N(0, 1), biases zero.
         self.weight = nn.Parameter(torch.randn(n_hidden, n_visible) * init_std)  # (H, V)
         self.hidden_bias = nn.Parameter(torch.zeros(n_hidden))  # (H,)
@@ -59,9 +68,14 @@ class RBM(nn.Module):
             return (mean > torch.rand_like(mean)).to(mean.dtype)
         return mean + torch.randn_like(mean)  # unit-variance Gaussian noise
 
-    def visible_mean(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, V): p(v=1|h)."""
-        return torch.sigmoid(F.linear(h, self.weight.t(), self.visible_bias))
+    def visible_mean(self, h: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H) -> (B, V): p(v=1|h); for Poisson units the rates, which sum to ``length`` (B, 1), the
+        documents' word counts (the softmax alone when it is None)."""
+        pre = F.linear(h, self.weight.t(), self.visible_bias)  # (B, V)
+        if self.visible == BERNOULLI:
+            return torch.sigmoid(pre)
+        rates = torch.softmax(pre, dim=1)
+        return rates if length is None else rates * length
 
     def free_energy(self, v: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         """(B, V) -> (B,) free energy, up to a constant (Gaussian units: the integral over h is in closed form).
@@ -76,8 +90,9 @@ class RBM(nn.Module):
         the visible side uses probabilities (no visible sampling), so ``v`` may be grey levels. ``mean``: the
         hidden means of ``v`` when already computed."""
         h = self.sample_hidden(self.hidden_mean(v) if mean is None else mean)
+        length = v.sum(1, keepdim=True) if self.visible == POISSON else None  # (B, 1): N of each document
         for i in range(k):
-            v_neg = self.visible_mean(h)  # (B, V)
+            v_neg = self.visible_mean(h, length)  # (B, V)
             if i < k - 1:
                 h = self.sample_hidden(self.hidden_mean(v_neg))
         return v_neg
@@ -100,6 +115,9 @@ class RBMSettings:
     cd_k: int = 1  # Gibbs steps of contrastive divergence
     lr: float = 0.1  # weights and biases of the Bernoulli RBMs
     code_lr: float = 0.001  # the top RBM with linear (Gaussian) hidden units: larger steps diverge
+    # the bottom RBM of a document model (Poisson visible units over word counts): its inputs are counts, tens to
+    # hundreds per document rather than [0, 1], so its CD statistics are that much larger
+    count_lr: float = 0.001
     momentum: float = 0.5  # for the first `momentum_epochs` epochs of each RBM ...
     final_momentum: float = 0.9  # ... then this (the code switches after epoch 5)
     momentum_epochs: int = 5
@@ -118,28 +136,33 @@ class RBMSettings:
             raise ConfigError(f"rbm.cd_k must be at least 1; got {s.cd_k}")
         return s
 
-    def optim(self, hidden: str) -> OptimSpec:
+    def optim(self, rbm: RBM) -> OptimSpec:
         """SGD with Hinton's momentum schedule, constant learning rate; weight cost lives in the loss."""
-        return OptimSpec(kind="sgd", lr=self.code_lr if hidden == GAUSSIAN else self.lr,
+        lr = (min(self.count_lr, self.code_lr) if rbm.visible == POISSON and rbm.hidden == GAUSSIAN
+              else self.count_lr if rbm.visible == POISSON else self.code_lr if rbm.hidden == GAUSSIAN else self.lr)
+        return OptimSpec(kind="sgd", lr=lr,
                          momentum=((0, self.momentum), (self.momentum_epochs, self.final_momentum)))
 
 
 class RBMStack(nn.Module):
-    """RBMs ``rbm1 ... rbmN`` over widths ``sizes = [D, h1, ..., hN]``; the top one may be Gaussian-hidden.
+    """RBMs ``rbm1 ... rbmN`` over widths ``sizes = [D, h1, ..., hN]``; the top one may be Gaussian-hidden, the
+    bottom one Poisson-visible (``bottom_visible="poisson"``: word counts).
 
     A model that pretrains with it keeps it as one attribute (say ``self.rbms``) and declares :meth:`stages`;
     ``forward`` answers stage ``rbm-k`` with :meth:`terms`; on entering fine-tuning the model copies the weights
     into its own layers (:meth:`unroll_pairs` gives them in order).
     """
 
-    def __init__(self, sizes: Sequence[int], top_hidden: str, settings: RBMSettings):
+    def __init__(self, sizes: Sequence[int], top_hidden: str, settings: RBMSettings,
+                 bottom_visible: str = BERNOULLI):
         super().__init__()
         self.sizes = [int(s) for s in sizes]
         self.settings = settings
         n = len(self.sizes) - 1
         for k in range(1, n + 1):
             hidden = top_hidden if k == n else BERNOULLI
-            setattr(self, f"rbm{k}", RBM(self.sizes[k - 1], self.sizes[k], hidden, settings.init_std))
+            visible = bottom_visible if k == 1 else BERNOULLI
+            setattr(self, f"rbm{k}", RBM(self.sizes[k - 1], self.sizes[k], hidden, settings.init_std, visible))
         self.num_layers = n
 
     def layer(self, k: int) -> RBM:
@@ -158,7 +181,7 @@ class RBMStack(nn.Module):
             mine = f"{attr}.rbm{k}"
             others = [f"{attr}.{n}" for n in self.names() if n != f"rbm{k}"]
             out.append(Stage(f"rbm-{k}", epochs,
-                             phases=[Phase("main", modules=[mine], optim=self.settings.optim(self.layer(k).hidden))],
+                             phases=[Phase("main", modules=[mine], optim=self.settings.optim(self.layer(k)))],
                              frozen=[*frozen_besides, *others]))
         return out
 
@@ -175,7 +198,7 @@ class RBMStack(nn.Module):
         unrolled autoencoder computes before any fine-tuning."""
         h = self.up(v, self.num_layers)
         for k in range(self.num_layers, 0, -1):
-            h = self.layer(k).visible_mean(h)
+            h = self.layer(k).visible_mean(h, v.sum(1, keepdim=True) if k == 1 else None)
         return h
 
     def terms(self, stage: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
