@@ -32,14 +32,30 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, batch: i
 # ------------------------------------------------------------------------------------------------ tasks
 def reconstruction(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
     """Hinton & Salakhutdinov 2006's measure: squared error summed over pixels, averaged over test images
-    (pixels = bytes/255); plus per-pixel MSE and BCE."""
+    (pixels = bytes/255); plus per-pixel MSE and BCE. A word-count model (``multinomial`` loss: counts in, a word
+    distribution out) is scored as a language model instead: see :func:`_document_reconstruction`."""
     rec = _batched(model.reconstruct, data.x).reshape(len(data), -1).astype(np.float64)
     x = data.x.reshape(len(data), -1).astype(np.float64)
+    if model.loss_kind == "multinomial":
+        return _document_reconstruction(rec, x)
     sq = ((rec - x) ** 2).sum(1)
     p = np.clip(rec, 1e-7, 1 - 1e-7)
     bce = -(x * np.log(p) + (1 - x) * np.log(1 - p)).mean()
     return {"squared_error_per_image": float(sq.mean()), "mse_per_pixel": float(sq.mean() / x.shape[1]),
             "bce_per_pixel": float(bce), "n": len(data)}
+
+
+def _document_reconstruction(dist: np.ndarray, counts: np.ndarray) -> dict:
+    """Counts (N, V) against the reconstructed word distributions (N, V): the training loss (cross-entropy of each
+    document's word distribution, nats, averaged over documents with a word) and the per-word perplexity of the
+    test words, exp(total negative log-likelihood / total words). Squared error between counts and a distribution
+    would compare different things."""
+    nll = -(counts * np.log(np.clip(dist, 1e-12, None))).sum(1)  # (N,) nats per document
+    words = counts.sum(1)  # (N,)
+    has = words > 0
+    return {"cross_entropy_per_document": float((nll[has] / words[has]).mean()),
+            "perplexity_per_word": float(np.exp(nll.sum() / words.sum())), "words": int(words.sum()),
+            "n": len(counts)}
 
 
 def probe(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:

@@ -3,6 +3,7 @@ free-energy surrogate, unrolling into the autoencoder, the declared SGD momentum
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -89,6 +90,16 @@ def test_document_model_unrolls_a_poisson_bottom_rbm_into_a_softmax_decoder():
     torch.testing.assert_close(out, model.rbms.mean_field_reconstruction(x) / x.sum(1, keepdim=True))
     with pytest.raises(ValueError, match="word counts"):
         DenseAE(input_shape=(12,), latent_dim=2, hidden=(8,), activation="sigmoid", loss="mse", rbm={})
+
+    # `raeflow eval`'s reconstruction scores it as a language model, the loss it trained on (not squared error).
+    from raeflow.data.core import ArrayDataset
+    from raeflow.evaluate import reconstruction
+
+    res = reconstruction(model, ArrayDataset("toy", "test", x.numpy(), kind="text"), None, {})
+    logq = out.detach().double().log()
+    assert res["cross_entropy_per_document"] == pytest.approx(
+        float(reconstruction_loss(logq.float(), x, "multinomial")), rel=1e-5)
+    assert res["perplexity_per_word"] == pytest.approx(math.exp(-(x * logq).sum().item() / x.sum().item()), rel=1e-5)
 
 
 def test_poisson_rbm_learns_topics_from_word_counts():
