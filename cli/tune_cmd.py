@@ -24,17 +24,22 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         cpus_per_trial: float = typer.Option(0.5, "--cpus-per-trial", help="Fractional CPUs per trial."),
         max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once."),
         set_: List[str] = typer.Option([], "--set", help="Dotted override of the base config."),
+        finetune: Optional[Path] = typer.Option(
+            None, "--finetune", help="Then fine-tune each trial's encoder as a classifier with this run config "
+                                     "(train.*, data.dataset, model: {dropout, head_hidden}); --space "
+                                     "finetune.train.lr=... searches it; select by its val_error."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS)."),
     ):
         """Search hyperparameters with Ray Tune; each trial is an ordinary raeflow run trained in-process."""
         from raeflow.cli.common import build_run_config
         from raeflow.cli.errors import USER_ERRORS, fail
-        from raeflow.tune import parse_space, tune_runs
+        from raeflow.tune import load_finetune_config, parse_space, tune_runs
 
         try:
             base = build_run_config(config, set_)
+            ft = load_finetune_config(finetune, base) if finetune is not None else None
             tune_runs(base, parse_space(space), metric=metric, mode=mode, trials=trials, scheduler=scheduler,
                       grace_epochs=grace, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
-                      output=output, address=address, log=typer.echo)
+                      output=output, address=address, finetune=ft, log=typer.echo)
         except USER_ERRORS as e:
             fail(e)

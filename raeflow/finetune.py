@@ -7,10 +7,11 @@ has ``val_error``, by which the epoch kept is chosen) and takes the same ``--set
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from raeflow.config import RunConfig
 from raeflow.data import TrainingData, load_eval_data, validation_size
@@ -19,7 +20,20 @@ from raeflow.models import capabilities as cap
 from raeflow.models.classifier import Classifier
 from raeflow.registry import get_variant
 from raeflow.train.run import TrainResult, train
-from raeflow.errors import InputError
+from raeflow.errors import ConfigError, InputError
+
+#: the keys a fine-tuning run config's ``model`` section may hold: the head built on the encoder (the encoder
+#: itself comes from the trained autoencoder)
+HEAD_KEYS = ("dropout", "head_hidden")
+
+
+def head_options(cfg: RunConfig) -> dict[str, Any]:
+    """``dropout`` / ``head_hidden`` from a fine-tuning config's ``model`` section (refusing anything else)."""
+    unknown = set(cfg.model) - set(HEAD_KEYS)
+    if unknown:
+        raise ConfigError(f"a fine-tuning config's model section takes only {list(HEAD_KEYS)}; got {sorted(unknown)} "
+                          "(the encoder's own settings belong to the autoencoder's config)")
+    return {"dropout": float(cfg.model.get("dropout", 0.0)), "head_hidden": cfg.model.get("head_hidden")}
 
 
 def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = None) -> TrainingData:
@@ -42,12 +56,15 @@ def labelled_data(spec: str, vectoriser=None, val_size: int | float | None = Non
 def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike | None = None, *,
              epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
              workers: int | None = None, head_hidden: int | None = None, dropout: float = 0.0, local: bool = False,
-             sets: Sequence[str] = (), log: Callable[[str], None] = print) -> TrainResult:
+             sets: Sequence[str] = (), base: RunConfig | None = None, on_epoch: Callable | None = None,
+             log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune the encoder of the autoencoder in ``model`` (a run or model directory) as a classifier of
     ``dataset``'s labels; writes the run directory ``output`` and returns :func:`train`'s result.
 
-    ``sets`` are ``section.key=value`` overrides of the run config (``train.weight_decay=1e-4``,
+    ``base``: the run config to start from (``raeflow tune --finetune``'s, its train section the fine-tuning's);
+    default the defaults. ``sets`` are ``section.key=value`` overrides of it (``train.weight_decay=1e-4``,
     ``train.stage_epochs.finetune=30``, ``data.val_size=5000``...); the explicit arguments win over them.
+    ``on_epoch``: called with each epoch's result, as :func:`train` does.
     """
     art = TrainedModel.load(model)
     src = art.path
@@ -56,7 +73,7 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
         raise InputError(f"{src} holds a {art.variant!r} ({info.kind}), not an autoencoder to fine-tune")
     vectoriser = art.vectoriser
 
-    cfg = RunConfig().override(list(sets))
+    cfg = (copy.deepcopy(base) if base is not None else RunConfig()).override(list(sets))
     cfg.data.dataset = dataset
     for section, key, value in (("train", "epochs", epochs), ("train", "lr", lr),
                                 ("train", "batch_size", batch_size), ("ray", "workers", workers)):
@@ -87,4 +104,4 @@ def finetune(model: str | os.PathLike, dataset: str, output: str | os.PathLike |
                                                   "sha256": art.sha256}, dropout=dropout)
     log(f"fine-tuning the {art.variant} encoder of {src} as a {num_classes}-class classifier "
         f"({clf.feature_dim} features{f', head {head_hidden}' if head_hidden else ''})")
-    return train(cfg, local=local, log=log, model=clf, data=data, parent_run_id=parent)
+    return train(cfg, local=local, log=log, model=clf, data=data, parent_run_id=parent, on_epoch=on_epoch)

@@ -87,6 +87,9 @@ def latent_scatter(model, x: np.ndarray, y: np.ndarray | None, path: Path, n: in
 
         z = PCA(2, random_state=0).fit_transform(z)
         how = "PCA of code"
+    elif z.shape[1] == 1:  # a 1-d code: spread it against the example's index so the points do not overlap
+        z = np.column_stack([z[:, 0], np.arange(len(z))])
+        how = "code (y: example index)"
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(z[:, 0], z[:, 1], s=4, **({} if y is None else {"c": y[:n], "cmap": "tab10"}))
     if y is not None:

@@ -8,6 +8,14 @@ nested form hangs (REFERENCE.md). Trials take a fraction of a CPU and one torch 
 Selection is on a validation metric only (``val_...``): the test split is for the final report, never for
 choosing. Every epoch is reported to Tune, so an ASHA scheduler can stop poor trials early. The search writes
 ``DIR/trials.csv``, ``DIR/trials.md`` and ``DIR/best.yaml`` (the base config with the chosen values).
+
+Pretrain, then fine-tune (``finetune=``, the CLI's ``--finetune FT.yaml``): each trial trains the autoencoder of
+the base config (``trials/ID/pretrain``), then fine-tunes its encoder as a classifier (``trials/ID/finetune``) with
+the fine-tuning config: its ``train`` section, ``data.dataset`` (the labels) and ``model: {dropout, head_hidden}``
+(the head). Axes named ``finetune.train.lr`` search the fine-tuning config, the others the autoencoder's, so one
+grid covers a pretraining setting (Rifai et al.'s contraction weight, Vincent et al.'s noise level) and the
+fine-tuning schedule together. Only fine-tuning epochs are reported: the metric is the classifier's (``val_error``),
+and the pretraining has none to compare. ``best-finetune.yaml`` holds the chosen fine-tuning config.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from raeflow.errors import ConfigError, RunExistsError
 from raeflow.config import RunConfig, _number
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid")
+FINETUNE = "finetune."  # --space keys with this prefix set the fine-tuning config
 _DIST = re.compile(r"^\s*(choice|uniform|loguniform|grid)\s*\((.*)\)\s*$", re.S)
 
 
@@ -80,6 +89,26 @@ def parse_space(assignments: list[str]) -> dict[str, Dist]:
     return space
 
 
+def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's values -> (the autoencoder config's, the fine-tuning config's with ``finetune.`` dropped)."""
+    return ({k: v for k, v in values.items() if not k.startswith(FINETUNE)},
+            {k[len(FINETUNE):]: v for k, v in values.items() if k.startswith(FINETUNE)})
+
+
+def load_finetune_config(path: str | Path, base: RunConfig) -> RunConfig:
+    """The fine-tuning config at ``path``; without a ``data.dataset`` of its own, the labels are those of the
+    autoencoder's dataset (the RunConfig default, mnist, would silently be another corpus)."""
+    from raeflow.config import load_yaml
+    from raeflow.finetune import head_options
+
+    ft = RunConfig.from_yaml(path)
+    raw = load_yaml(Path(path).read_text(), str(path)) or {}
+    if "dataset" not in (raw.get("data") or {}):
+        ft.data.dataset = base.data.dataset
+    head_options(ft)  # refuse a model section that is not the head's, before any trial starts
+    return ft
+
+
 def apply(base: dict[str, Any], values: dict[str, Any]) -> RunConfig:
     """The base config (a RunConfig dict) with the dotted keys set to ``values`` (raises on unknown keys)."""
     d = copy.deepcopy(base)
@@ -123,8 +152,10 @@ class TuneResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str) -> None:
-    """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune."""
+def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
+           finetune: dict[str, Any] | None = None) -> None:
+    """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune; with ``finetune``, an
+    autoencoder run and then the fine-tuning of its encoder, reporting the fine-tuning's epochs."""
     import torch
     from ray import tune
 
@@ -132,9 +163,17 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str)
 
     torch.set_num_threads(1)
     ctx = tune.get_context()
-    cfg = apply(base, config)
+    pre_values, ft_values = split_values(config)
+    cfg = apply(base, pre_values)
     cfg.train.threads = 1  # a fraction of a CPU each: one torch thread, or trials fight over the cores
-    cfg.output = str(Path(root) / "trials" / ctx.get_trial_id())
+    trial_dir = Path(root) / "trials" / ctx.get_trial_id()
+    cfg.output = str(trial_dir if finetune is None else trial_dir / "pretrain")
+    ft = None
+    if finetune is not None:
+        ft = apply(finetune, ft_values)
+        ft.train.threads = 1
+        ft.output = str(trial_dir / "finetune")
+    reported_dir = cfg.output if ft is None else ft.output
     log_path = Path(root) / "logs" / f"{ctx.get_trial_id()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logf = log_path.open("a")
@@ -147,16 +186,24 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str)
         if metric not in r.metrics:
             raise ConfigError(f"metric {metric!r} is not among this run's metrics {sorted(r.metrics)}")
         tune.report({metric: float(r.metrics[metric]), "epoch": r.epoch, "stage": r.stage,
-                     "run_dir": cfg.output})
+                     "run_dir": reported_dir})
 
     try:
-        train(cfg, local=True, log=log, on_epoch=on_epoch)
+        if ft is None:
+            train(cfg, local=True, log=log, on_epoch=on_epoch)
+        else:
+            from raeflow.finetune import finetune as run_finetune, head_options
+
+            train(cfg, local=True, log=log)  # pretraining: its metrics are not the classifier's, so not reported
+            run_finetune(cfg.output, ft.data.dataset, ft.output, local=True, base=ft, on_epoch=on_epoch, log=log,
+                         **head_options(ft))
     finally:
         logf.close()
 
 
 def planned_epochs(cfg: RunConfig) -> int:
-    """Epochs a run of ``cfg`` trains when nothing stops it (the sum over its model's stages)."""
+    """Epochs a run of ``cfg`` trains when nothing stops it (the sum over its model's stages); a fine-tuning
+    config's: its classifier's one stage (checked with :func:`planned_finetune_epochs`, not built here)."""
     from raeflow.data import load_training_data
     from raeflow.models.base import TrainPlan
     from raeflow.registry import build_model
@@ -168,11 +215,19 @@ def planned_epochs(cfg: RunConfig) -> int:
     return sum(s.epochs for s in model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs))))
 
 
+def planned_finetune_epochs(ft: RunConfig) -> int:
+    """Epochs of a fine-tuning run: the classifier's one stage, ``finetune``."""
+    from raeflow.models.base import TrainPlan
+
+    return TrainPlan(ft.train.epochs, dict(ft.train.stage_epochs)).epochs_for("finetune")
+
+
 def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str = "min", trials: int | None = None,
               scheduler: str | None = None, grace_epochs: int = 1, cpus_per_trial: float = 0.5,
               max_concurrent: int | None = None, output: str | Path, address: str | None = None,
-              log: Callable[[str], None] = print) -> TuneResult:
-    """Search ``space`` around ``base``; every trial is an in-process raeflow run under ``output/trials/``."""
+              finetune: RunConfig | None = None, log: Callable[[str], None] = print) -> TuneResult:
+    """Search ``space`` around ``base``; every trial is an in-process raeflow run under ``output/trials/``.
+    ``finetune``: each trial pretrains ``base`` and then fine-tunes its encoder with this config (module doc)."""
     if not metric.startswith("val_"):
         raise ConfigError(f"--metric must be a validation metric (val_...), not {metric!r}: selecting on the "
                          "training or test split would report a biased figure")
@@ -187,9 +242,18 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
         raise RunExistsError(f"{out} already holds a search (trials.csv); choose another --output")
     base_dict = base.to_dict()
     base_dict["output"] = None
+    ft_dict = None
+    if finetune is not None:
+        ft_dict = finetune.to_dict()
+        ft_dict["output"] = None
+    elif any(k.startswith(FINETUNE) for k in space):
+        raise ConfigError(f"--space {next(k for k in space if k.startswith(FINETUNE))}: a finetune.* axis needs a "
+                          "fine-tuning config (--finetune FT.yaml)")
     # Every axis must land on a real config key: try each with its first value before starting anything.
-    probe = {k: d.args[0] for k, d in space.items()}
-    planned = planned_epochs(apply(base_dict, probe))
+    pre_probe, ft_probe = split_values({k: d.args[0] for k, d in space.items()})
+    planned = planned_epochs(apply(base_dict, pre_probe))
+    if ft_dict is not None:
+        planned = planned_finetune_epochs(apply(ft_dict, ft_probe))
     has_grid = any(d.kind == "grid" for d in space.values())
     num_samples = trials if trials is not None else (1 if has_grid else 8)
 
@@ -207,8 +271,8 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
             # report and before it saves its model (found on a 30-epoch search: the best trial had no model/).
             sched = ASHAScheduler(time_attr="training_iteration", max_t=planned + 1, grace_period=grace_epochs,
                                   reduction_factor=2)
-        trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, root=str(out), metric=metric),
-                                        {"cpu": cpus_per_trial})
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, root=str(out), metric=metric,
+                                                             finetune=ft_dict), {"cpu": cpus_per_trial})
         tuner = tune.Tuner(
             trainable,
             param_space={k: d.to_tune() for k, d in space.items()},
@@ -236,16 +300,22 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
     if not ok:
         raise RuntimeError(f"no trial reported {metric}; see {out / 'logs'}")
     best = (min if mode == "min" else max)(ok, key=lambda r: r.best)
-    best_cfg = apply(base_dict, best.values)
+    pre_best, ft_best = split_values(best.values)
+    best_cfg = apply(base_dict, pre_best)
     best_cfg.output = None
-    files = write_reports(out, rows, best, best_cfg, metric, mode)
+    files = write_reports(out, rows, best, best_cfg, metric, mode, finetune=ft_dict is not None)
+    if ft_dict is not None:
+        best_ft = apply(ft_dict, ft_best)
+        best_ft.output = None
+        best_ft.save(out / "best-finetune.yaml")
+        files.append(out / "best-finetune.yaml")
     log(f"best of {len(rows)} trials: {metric}={best.best:.6g} at epoch {best.best_epoch} with "
         + ", ".join(f"{k}={v}" for k, v in best.values.items()) + f"  (run {best.run_dir})")
     return TuneResult(metric, mode, rows, best, best_cfg, out, files)
 
 
 def write_reports(out: Path, rows: list[TrialRow], best: TrialRow, best_cfg: RunConfig, metric: str,
-                  mode: str) -> list[Path]:
+                  mode: str, finetune: bool = False) -> list[Path]:
     keys = list(best.values)
     order = sorted(rows, key=lambda r: (not math.isfinite(r.best), r.best if mode == "min" else -r.best))
     header = ["trial", *keys, f"best_{metric}", "best_epoch", "epochs", "planned_epochs", "stopped_early",
@@ -265,8 +335,12 @@ def write_reports(out: Path, rows: list[TrialRow], best: TrialRow, best_cfg: Run
         ran = f"{r.epochs}/{r.planned}" + (" (stopped by scheduler)" if r.stopped_early else "")
         md.append("| " + " | ".join([r.trial + mark, *[str(r.values[k]) for k in keys], f"{r.best:.6g}",
                                      str(r.best_epoch), ran]) + " |")
-    md += ["", f"best.yaml: the base config with {', '.join(f'{k}={best.values[k]}' for k in keys)}; "
-           f"each trial's run directory is under trials/."]
+    pre, ft = split_values(best.values)
+    chosen = lambda vals: ", ".join(f"{k}={v}" for k, v in vals.items()) or "nothing changed"  # noqa: E731
+    md += ["", f"best.yaml: the base config with {chosen(pre)}; "
+           + (f"best-finetune.yaml: the fine-tuning config with {chosen(ft)}; each trial's runs are "
+              "trials/ID/pretrain and trials/ID/finetune." if finetune else
+              "each trial's run directory is under trials/.")]
     md_path = out / "trials.md"
     md_path.write_text("\n".join(md) + "\n")
     best_path = out / "best.yaml"

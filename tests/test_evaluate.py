@@ -118,3 +118,15 @@ def test_parzen_task_and_denoise_task(runs):
     masking = [r for r in den["rows"] if r["noise"] == "masking"]
     assert all(r["denoised_psnr"] > r["noisy_psnr"] for r in masking)  # the DAE was trained on masking noise
     assert set(TASKS) >= {"reconstruction", "probe", "classify", "likelihood", "parzen", "denoise", "retrieval"}
+
+
+@pytest.mark.parametrize("dim,how", [(1, "code (y: example index)"), (2, "code"), (5, "PCA of code")])
+def test_latent_scatter_draws_codes_of_any_width(tmp_path, dim, how):
+    """A 1-d code used to raise IndexError at the end of training (found by a tune grid over latent_dim)."""
+    from raeflow.models.ae import DenseAE
+    from raeflow.plots import latent_scatter
+
+    x = load_eval_data("digits:test").x[:50]
+    model = DenseAE(input_shape=(1, 8, 8), latent_dim=dim, hidden=(16,)).eval()
+    assert latent_scatter(model, x, np.arange(50) % 10, tmp_path / "latent.png") == how
+    assert (tmp_path / "latent.png").stat().st_size > 1000

@@ -80,3 +80,46 @@ def test_asha_stops_poor_trials_early(ray_local, tmp_path):
     assert all(r.planned == 4 for r in res.rows)
     # A trial that ran its whole plan finished as an ordinary run, model saved (not cut off after its last report).
     assert (tmp_path / "asha" / "trials" / res.best.trial / "model" / "config.json").is_file()
+
+
+@pytest.mark.ray
+def test_pretrain_then_finetune_trials_search_both_configs(ray_local, tmp_path):
+    """`raeflow tune --finetune`: one grid over a pretraining setting (code size) and the fine-tuning lr. Each
+    trial pretrains, then fine-tunes its own encoder; selection is on the classifier's validation error, and the
+    planted best (the wide code, the lr that learns) must win."""
+    ft = RunConfig()
+    ft.data.dataset = "digits"
+    ft.train.epochs, ft.train.batch_size, ft.model = 3, 64, {"dropout": 0.0}
+    out = tmp_path / "pipeline"
+    res = tune_runs(_base(epochs=2), parse_space(["model.latent_dim=grid(1, 16)", "finetune.train.lr=grid(1e-2, 1e-7)"]),
+                    metric="val_error", output=out, finetune=ft, log=lambda s: None)
+    assert res.best.values == {"model.latent_dim": 16, "finetune.train.lr": 1e-2}
+    errors = {(r.values["model.latent_dim"], r.values["finetune.train.lr"]): r.best for r in res.rows}
+    assert errors[(16, 1e-2)] < 0.2 < errors[(16, 1e-7)], errors  # 1e-7 leaves the head at chance (10 classes)
+    assert errors[(16, 1e-2)] < errors[(1, 1e-2)], errors
+    assert all(r.epochs == 3 and r.planned == 3 for r in res.rows)  # fine-tuning epochs only are reported
+    for r in res.rows:
+        trial = out / "trials" / r.trial
+        pre = yaml.safe_load((trial / "pretrain" / "run.yaml").read_text())
+        fine = yaml.safe_load((trial / "finetune" / "run.yaml").read_text())
+        assert pre["model"]["latent_dim"] == r.values["model.latent_dim"] and pre["train"]["epochs"] == 2
+        assert fine["train"]["lr"] == r.values["finetune.train.lr"] and fine["variant"] == "classifier"
+        # the classifier started from this trial's own encoder, not another trial's
+        assert fine["model"]["pretrained"]["path"] == str(trial / "pretrain" / "model")
+        assert r.run_dir == str(trial / "finetune")
+    assert yaml.safe_load((out / "best.yaml").read_text())["model"]["latent_dim"] == 16
+    assert yaml.safe_load((out / "best-finetune.yaml").read_text())["train"]["lr"] == 1e-2
+    assert "best-finetune.yaml" in (out / "trials.md").read_text()
+
+
+def test_finetune_axes_need_a_finetune_config(tmp_path):
+    from raeflow.tune import load_finetune_config
+
+    with pytest.raises(ValueError, match="--finetune"):
+        tune_runs(_base(), parse_space(["finetune.train.lr=grid(1e-2)"]), metric="val_error", output=tmp_path / "t")
+    (tmp_path / "ft.yaml").write_text("train: {epochs: 2}\nmodel: {dropout: 0.1}\n")
+    ft = load_finetune_config(tmp_path / "ft.yaml", _base())
+    assert ft.data.dataset == "digits" and ft.train.epochs == 2  # the labels default to the pretraining data's
+    (tmp_path / "bad.yaml").write_text("model: {latent_dim: 4}\n")
+    with pytest.raises(ValueError, match="only \\['dropout', 'head_hidden'\\]"):
+        load_finetune_config(tmp_path / "bad.yaml", _base())
