@@ -16,11 +16,16 @@ the fine-tuning config: its ``train`` section, ``data.dataset`` (the labels) and
 grid covers a pretraining setting (Rifai et al.'s contraction weight, Vincent et al.'s noise level) and the
 fine-tuning schedule together. Only fine-tuning epochs are reported: the metric is the classifier's (``val_error``),
 and the pretraining has none to compare. ``best-finetune.yaml`` holds the chosen fine-tuning config.
+Trials whose autoencoder configs are the same (a grid's fine-tuning axis) share one pretraining run,
+``DIR/pretrain/<config hash>``, trained once under a file lock: on two cores the pretraining is most of a trial
+(a contractive AE: 30 epochs against 50 fine-tuning epochs of a one-layer classifier).
 """
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -152,6 +157,30 @@ class TuneResult:
     files: list[Path] = field(default_factory=list)
 
 
+def shared_pretraining(cfg: RunConfig, root: str | Path, log: Callable[[str], None]) -> Path:
+    """The run directory of ``cfg``'s autoencoder under ``root/pretrain/``, trained here unless a trial with the
+    same config has trained it: one pretraining per distinct config. An exclusive ``flock`` serialises trials
+    that need the same one (the second waits, then reuses it); a run left unfinished by a killed trial resumes
+    from its checkpoint."""
+    import fcntl
+
+    from raeflow.train.run import train
+
+    d = cfg.to_dict()
+    d["output"] = None
+    key = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run_dir = Path(root) / "pretrain" / key
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (run_dir / "model" / "config.json").is_file():
+            log(f"pretraining {run_dir} already trained by another trial: reused")
+            return run_dir
+        cfg.output = str(run_dir)
+        train(cfg, local=True, log=log, resume=(run_dir / "run.yaml").is_file())
+    return run_dir
+
+
 def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
            finetune: dict[str, Any] | None = None) -> None:
     """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune; with ``finetune``, an
@@ -167,7 +196,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
     cfg = apply(base, pre_values)
     cfg.train.threads = 1  # a fraction of a CPU each: one torch thread, or trials fight over the cores
     trial_dir = Path(root) / "trials" / ctx.get_trial_id()
-    cfg.output = str(trial_dir if finetune is None else trial_dir / "pretrain")
+    cfg.output = str(trial_dir)
     ft = None
     if finetune is not None:
         ft = apply(finetune, ft_values)
@@ -194,8 +223,12 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
         else:
             from raeflow.finetune import finetune as run_finetune, head_options
 
-            train(cfg, local=True, log=log)  # pretraining: its metrics are not the classifier's, so not reported
-            run_finetune(cfg.output, ft.data.dataset, ft.output, local=True, base=ft, on_epoch=on_epoch, log=log,
+            # pretraining: its metrics are not the classifier's, so not reported
+            pretrained = shared_pretraining(cfg, root, log)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            if not (trial_dir / "pretrain").is_symlink():  # a restarted trial has linked it already
+                (trial_dir / "pretrain").symlink_to(pretrained.resolve(), target_is_directory=True)
+            run_finetune(pretrained, ft.data.dataset, ft.output, local=True, base=ft, on_epoch=on_epoch, log=log,
                          **head_options(ft))
     finally:
         logf.close()
@@ -339,7 +372,8 @@ def write_reports(out: Path, rows: list[TrialRow], best: TrialRow, best_cfg: Run
     chosen = lambda vals: ", ".join(f"{k}={v}" for k, v in vals.items()) or "nothing changed"  # noqa: E731
     md += ["", f"best.yaml: the base config with {chosen(pre)}; "
            + (f"best-finetune.yaml: the fine-tuning config with {chosen(ft)}; each trial's runs are "
-              "trials/ID/pretrain and trials/ID/finetune." if finetune else
+              "trials/ID/pretrain (a link into pretrain/, shared by trials with the same autoencoder config) and "
+              "trials/ID/finetune." if finetune else
               "each trial's run directory is under trials/.")]
     md_path = out / "trials.md"
     md_path.write_text("\n".join(md) + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -105,8 +106,13 @@ def test_pretrain_then_finetune_trials_search_both_configs(ray_local, tmp_path):
         assert pre["model"]["latent_dim"] == r.values["model.latent_dim"] and pre["train"]["epochs"] == 2
         assert fine["train"]["lr"] == r.values["finetune.train.lr"] and fine["variant"] == "classifier"
         # the classifier started from this trial's own encoder, not another trial's
-        assert fine["model"]["pretrained"]["path"] == str(trial / "pretrain" / "model")
+        assert Path(fine["model"]["pretrained"]["path"]) == (trial / "pretrain" / "model").resolve()
         assert r.run_dir == str(trial / "finetune")
+    # one pretraining per distinct autoencoder config, each trained once: 2 code sizes, not 4 trials
+    shared = sorted(p for p in (out / "pretrain").iterdir() if p.is_dir())
+    assert len(shared) == 2 and {(t / "pretrain").resolve() for t in (out / "trials").iterdir()} == set(shared)
+    for p in shared:
+        assert len((p / "metrics.jsonl").read_text().splitlines()) == 2  # its 2 epochs, not trained twice
     assert yaml.safe_load((out / "best.yaml").read_text())["model"]["latent_dim"] == 16
     assert yaml.safe_load((out / "best-finetune.yaml").read_text())["train"]["lr"] == 1e-2
     assert "best-finetune.yaml" in (out / "trials.md").read_text()
