@@ -64,6 +64,29 @@ def test_every_recipe_builds_its_model(path):
         assert LIKELIHOOD in caps and model.log_likelihood(x).shape == (2,)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_finetune_config_loads_as_a_head(path):
+    """configs/finetune/ holds `raeflow tune --finetune` configs: a classifier head's settings, not a model."""
+    from raeflow.finetune import head_options
+    from raeflow.tune import load_finetune_config
+
+    base = RunConfig.from_yaml(ROOT / "configs" / "mnist-contractive.yaml")
+    ft = load_finetune_config(path, base)
+    head = head_options(ft)
+    assert 0.0 <= head["dropout"] < 1.0
+    assert ft.train.epochs > 0 and ft.train.lr > 0
+    assert ft.data.dataset in INPUT_SHAPES
+
+
+def test_every_recipe_script_names_files_that_exist():
+    """A recipe script (configs/*.sh) that points at a moved config fails only after an hour's run otherwise."""
+    import re
+
+    for script in (ROOT / "configs").glob("*.sh"):
+        for name in re.findall(r"configs/[\w./-]+\.(?:yaml|sh)", script.read_text()):
+            assert (ROOT / name).is_file(), f"{script.name} names {name}, which does not exist"
+
+
 def test_run_directory_is_never_overwritten(tmp_path):
     cfg = RunConfig(variant="pca", model={"latent_dim": 4}, output=str(tmp_path / "run"))
     cfg.data.dataset = "digits"
