@@ -6,7 +6,10 @@ Ray Train ``TorchTrainer``: that needs CPUs for its own worker group besides the
 nested form hangs (REFERENCE.md). Trials take a fraction of a CPU and one torch thread each.
 
 Selection is on a validation metric only (``val_...``): the test split is for the final report, never for
-choosing. Every epoch is reported to Tune, so an ASHA scheduler can stop poor trials early. The search writes
+choosing. Every epoch of the run's last stage is reported to Tune, so an ASHA scheduler can stop poor trials
+early; a staged model (sdae: layer-wise pretraining, then supervised fine-tuning) is judged on that last stage
+alone, since its earlier stages lack the metric (``val_error``) or log another quantity under its name
+(``val_loss`` is a reconstruction while pretraining, a cross-entropy while fine-tuning). The search writes
 ``DIR/trials.csv``, ``DIR/trials.md`` and ``DIR/best.yaml`` (the base config with the chosen values).
 
 Pretrain, then fine-tune (``finetune=``, the CLI's ``--finetune FT.yaml``): each trial trains the autoencoder of
@@ -182,7 +185,7 @@ def shared_pretraining(cfg: RunConfig, root: str | Path, log: Callable[[str], No
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
-           finetune: dict[str, Any] | None = None) -> None:
+           finetune: dict[str, Any] | None = None, judged: str = "finetune") -> None:
     """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune; with ``finetune``, an
     autoencoder run and then the fine-tuning of its encoder, reporting the fine-tuning's epochs."""
     import torch
@@ -211,7 +214,11 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
         logf.write(line + "\n")
         logf.flush()
 
+    # Only the ``judged`` stage's epochs are reported (module doc: a staged model's earlier stages log other
+    # quantities under the same names, val_loss being a reconstruction there, or lack the metric).
     def on_epoch(r) -> None:
+        if r.stage != judged:
+            return
         if metric not in r.metrics:
             raise ConfigError(f"metric {metric!r} is not among this run's metrics {sorted(r.metrics)}")
         tune.report({metric: float(r.metrics[metric]), "epoch": r.epoch, "stage": r.stage,
@@ -234,9 +241,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
         logf.close()
 
 
-def planned_epochs(cfg: RunConfig) -> int:
-    """Epochs a run of ``cfg`` trains when nothing stops it (the sum over its model's stages); a fine-tuning
-    config's: its classifier's one stage (checked with :func:`planned_finetune_epochs`, not built here)."""
+def _stages(cfg: RunConfig) -> list:
+    """The training stages of ``cfg``'s model, as its trainer will run them."""
     from raeflow.data import load_training_data
     from raeflow.models.base import TrainPlan
     from raeflow.registry import build_model
@@ -245,7 +251,18 @@ def planned_epochs(cfg: RunConfig) -> int:
     data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                               weighting=cfg.data.weighting)
     model = build_model(cfg.variant, **model_config(cfg, data))
-    return sum(s.epochs for s in model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs))))
+    return model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs)))
+
+
+def final_stage(cfg: RunConfig) -> str:
+    """The name of the stage a trial of ``cfg`` is judged on: its model's last."""
+    return _stages(cfg)[-1].name
+
+
+def planned_epochs(cfg: RunConfig) -> int:
+    """Epochs of the judged (last) stage of a run of ``cfg`` when nothing stops it: the epochs reported to
+    Tune; a fine-tuning config's: its classifier's one stage (:func:`planned_finetune_epochs`, not built here)."""
+    return _stages(cfg)[-1].epochs
 
 
 def planned_finetune_epochs(ft: RunConfig) -> int:
@@ -284,9 +301,10 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
                           "fine-tuning config (--finetune FT.yaml)")
     # Every axis must land on a real config key: try each with its first value before starting anything.
     pre_probe, ft_probe = split_values({k: d.args[0] for k, d in space.items()})
-    planned = planned_epochs(apply(base_dict, pre_probe))
+    probe = apply(base_dict, pre_probe)
+    planned, judged = planned_epochs(probe), final_stage(probe)
     if ft_dict is not None:
-        planned = planned_finetune_epochs(apply(ft_dict, ft_probe))
+        planned, judged = planned_finetune_epochs(apply(ft_dict, ft_probe)), "finetune"
     has_grid = any(d.kind == "grid" for d in space.values())
     num_samples = trials if trials is not None else (1 if has_grid else 8)
 
@@ -305,7 +323,7 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
             sched = ASHAScheduler(time_attr="training_iteration", max_t=planned + 1, grace_period=grace_epochs,
                                   reduction_factor=2)
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, root=str(out), metric=metric,
-                                                             finetune=ft_dict), {"cpu": cpus_per_trial})
+                                                             finetune=ft_dict, judged=judged), {"cpu": cpus_per_trial})
         tuner = tune.Tuner(
             trainable,
             param_space={k: d.to_tune() for k, d in space.items()},

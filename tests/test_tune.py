@@ -1,6 +1,8 @@
 """`raeflow tune` on Ray Tune: search-space parsing, a grid that must find a planted best value, ASHA stopping."""
 from __future__ import annotations
 
+import json
+
 import csv
 from pathlib import Path
 
@@ -116,6 +118,27 @@ def test_pretrain_then_finetune_trials_search_both_configs(ray_local, tmp_path):
     assert yaml.safe_load((out / "best.yaml").read_text())["model"]["latent_dim"] == 16
     assert yaml.safe_load((out / "best-finetune.yaml").read_text())["train"]["lr"] == 1e-2
     assert "best-finetune.yaml" in (out / "trials.md").read_text()
+
+
+@pytest.mark.ray
+def test_a_staged_model_is_judged_on_its_last_stage(ray_local, tmp_path):
+    """An sdae trial pretrains layer by layer (no val_error; val_loss a reconstruction), then fine-tunes: only the
+    fine-tuning epochs are reported and selected on (Vincent et al.'s fine-tuning lr searched on validation)."""
+    base = RunConfig(variant="sdae", model={"hidden": [32, 32], "corruption": {"kind": "masking", "level": 0.2},
+                                            "finetune_optim": {"kind": "adam", "lr": 1e-2}})
+    base.data.dataset = "digits"
+    base.train.batch_size, base.train.stage_epochs = 64, {"pretrain": 1, "finetune": 3}
+    out = tmp_path / "sdae"
+    res = tune_runs(base, parse_space(["model.finetune_optim.lr=grid(1e-2, 1e-7)"]), metric="val_error",
+                    output=out, log=lambda s: None)
+    assert res.best.values == {"model.finetune_optim.lr": 1e-2}
+    errors = {r.values["model.finetune_optim.lr"]: r.best for r in res.rows}
+    assert errors[1e-2] < 0.3 < errors[1e-7], errors  # 1e-7 leaves the head at chance (10 classes)
+    # 3 fine-tuning epochs reported, not the 2 pretraining epochs before them
+    assert all(r.epochs == 3 and r.planned == 3 and 3 <= r.best_epoch <= 5 for r in res.rows)  # run-wide numbering
+    for r in res.rows:  # the trials did pretrain: both layers' stages are in the run's own metrics
+        stages = {json.loads(line)["stage"] for line in (out / "trials" / r.trial / "metrics.jsonl").open()}
+        assert stages == {"pretrain-1", "pretrain-2", "finetune"}, stages
 
 
 def test_finetune_axes_need_a_finetune_config(tmp_path):
