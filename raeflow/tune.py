@@ -241,8 +241,9 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
         logf.close()
 
 
-def _stages(cfg: RunConfig) -> list:
-    """The training stages of ``cfg``'s model, as its trainer will run them."""
+def judged_stage(cfg: RunConfig) -> tuple[str, int]:
+    """The stage a trial of ``cfg`` is judged on, its model's last, as (name, epochs when nothing stops it): the
+    epochs reported to Tune. A fine-tuning config's is its classifier's one stage (:func:`planned_finetune_epochs`)."""
     from raeflow.data import load_training_data
     from raeflow.models.base import TrainPlan
     from raeflow.registry import build_model
@@ -251,18 +252,8 @@ def _stages(cfg: RunConfig) -> list:
     data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
                               weighting=cfg.data.weighting)
     model = build_model(cfg.variant, **model_config(cfg, data))
-    return model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs)))
-
-
-def final_stage(cfg: RunConfig) -> str:
-    """The name of the stage a trial of ``cfg`` is judged on: its model's last."""
-    return _stages(cfg)[-1].name
-
-
-def planned_epochs(cfg: RunConfig) -> int:
-    """Epochs of the judged (last) stage of a run of ``cfg`` when nothing stops it: the epochs reported to
-    Tune; a fine-tuning config's: its classifier's one stage (:func:`planned_finetune_epochs`, not built here)."""
-    return _stages(cfg)[-1].epochs
+    last = model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs)))[-1]
+    return last.name, last.epochs
 
 
 def planned_finetune_epochs(ft: RunConfig) -> int:
@@ -301,8 +292,7 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
                           "fine-tuning config (--finetune FT.yaml)")
     # Every axis must land on a real config key: try each with its first value before starting anything.
     pre_probe, ft_probe = split_values({k: d.args[0] for k, d in space.items()})
-    probe = apply(base_dict, pre_probe)
-    planned, judged = planned_epochs(probe), final_stage(probe)
+    judged, planned = judged_stage(apply(base_dict, pre_probe))
     if ft_dict is not None:
         planned, judged = planned_finetune_epochs(apply(ft_dict, ft_probe)), "finetune"
     has_grid = any(d.kind == "grid" for d in space.values())
