@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from raeflow.embed.job import run_embed  # imported after parsing: --help needs no Ray or torch
 
-    s = run_embed(args.model, args.input or f"20newsgroups:{args.split}", args.output, workers=args.workers,
-                  gpu=args.gpu, batch_size=args.batch_size, text_column=args.text_column, id_column=args.id_column,
-                  resume=args.resume, address=args.address)
+    run_embed(args.model, args.input or f"20newsgroups:{args.split}", args.output, workers=args.workers,
+              gpu=args.gpu, batch_size=args.batch_size, text_column=args.text_column, id_column=args.id_column,
+              resume=args.resume, address=args.address)
     return 0  # bad rows are accounted for in OUTPUT/_errors and the summary, not in the exit code
 
 

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from raeflow.embed.job import run_embed  # imported after parsing: --help needs no Ray or torch
 
-    s = run_embed(args.model, f"{args.dataset}:{args.split}", args.output, workers=args.workers, gpu=args.gpu,
-                  batch_size=args.batch_size, resume=args.resume, address=args.address)
+    run_embed(args.model, f"{args.dataset}:{args.split}", args.output, workers=args.workers, gpu=args.gpu,
+              batch_size=args.batch_size, resume=args.resume, address=args.address)
     return 0  # bad rows are accounted for in OUTPUT/_errors and the summary, not in the exit code
 
 

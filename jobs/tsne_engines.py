@@ -12,7 +12,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 

@@ -61,8 +61,6 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, *,
                 log: Callable[[str], None] = print) -> dict[str, Path]:
     """Write one ONNX graph per declared deterministic capability into ``out_dir`` (default RUN_DIR/onnx) and
     check each against the model in onnxruntime on a batch of 3; returns {graph name: path}."""
-    import numpy as np
-
     from raeflow.io import load_model, model_dir
 
     src = model_dir(run_dir)

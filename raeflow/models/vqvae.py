@@ -19,7 +19,6 @@ draws a grid one code at a time (49 prior passes on MNIST) and decodes it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
