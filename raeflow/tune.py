@@ -185,7 +185,7 @@ def shared_pretraining(cfg: RunConfig, root: str | Path, log: Callable[[str], No
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
-           finetune: dict[str, Any] | None = None, judged: str = "finetune") -> None:
+           finetune: dict[str, Any] | None, judged: str) -> None:
     """One trial: an ordinary in-process raeflow run, reporting every epoch to Tune; with ``finetune``, an
     autoencoder run and then the fine-tuning of its encoder, reporting the fine-tuning's epochs."""
     import torch
@@ -243,7 +243,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
 
 def judged_stage(cfg: RunConfig) -> tuple[str, int]:
     """The stage a trial of ``cfg`` is judged on, its model's last, as (name, epochs when nothing stops it): the
-    epochs reported to Tune. A fine-tuning config's is its classifier's one stage (:func:`planned_finetune_epochs`)."""
+    epochs reported to Tune. A fine-tuning config's is its classifier's one stage (:func:`judged_finetune_stage`)."""
     from raeflow.data import load_training_data
     from raeflow.models.base import TrainPlan
     from raeflow.registry import build_model
@@ -256,11 +256,12 @@ def judged_stage(cfg: RunConfig) -> tuple[str, int]:
     return last.name, last.epochs
 
 
-def planned_finetune_epochs(ft: RunConfig) -> int:
-    """Epochs of a fine-tuning run: the classifier's one stage, ``finetune``."""
+def judged_finetune_stage(ft: RunConfig) -> tuple[str, int]:
+    """:func:`judged_stage` of a fine-tuning run: the classifier's one stage, ``finetune`` (read from the
+    config, as the classifier is only built on a trial's own encoder)."""
     from raeflow.models.base import TrainPlan
 
-    return TrainPlan(ft.train.epochs, dict(ft.train.stage_epochs)).epochs_for("finetune")
+    return "finetune", TrainPlan(ft.train.epochs, dict(ft.train.stage_epochs)).epochs_for("finetune")
 
 
 def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str = "min", trials: int | None = None,
@@ -294,7 +295,7 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
     pre_probe, ft_probe = split_values({k: d.args[0] for k, d in space.items()})
     judged, planned = judged_stage(apply(base_dict, pre_probe))
     if ft_dict is not None:
-        planned, judged = planned_finetune_epochs(apply(ft_dict, ft_probe)), "finetune"
+        judged, planned = judged_finetune_stage(apply(ft_dict, ft_probe))
     has_grid = any(d.kind == "grid" for d in space.values())
     num_samples = trials if trials is not None else (1 if has_grid else 8)
 

@@ -1,9 +1,8 @@
 """`raeflow tune` on Ray Tune: search-space parsing, a grid that must find a planted best value, ASHA stopping."""
 from __future__ import annotations
 
-import json
-
 import csv
+import json
 from pathlib import Path
 
 import pytest
