@@ -13,7 +13,7 @@ from PIL import Image
 from raeflow.config import RunConfig, TrainConfig
 from raeflow.data import load_eval_data, load_training_data
 from raeflow.io import load_model
-from raeflow.models.base import TrainPlan
+from raeflow.models.base import TrainPlan, reconstruction_loss
 from raeflow.models.cae import ConvAE, unpool
 from raeflow.models.sdae import StackedDAE
 from raeflow.train.loop import TensorBatches, Trainer
@@ -287,3 +287,40 @@ def test_sdae_on_unlabelled_data_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         train(cfg, local=True, log=lambda s: None)
     assert not (tmp_path / "run").exists()  # refused before any directory was made
+
+
+def test_sdae_tied_decoders_read_the_encoders_weights_and_train_with_them():
+    """tied=True: each decoder owns a bias only and reconstructs through the encoder's weight, transposed; its
+    pretraining gradient reaches that weight, and fine-tuning (decoders frozen) still trains the encoder."""
+    data = load_training_data("digits")
+    x, y = torch.from_numpy(data.train.x[:512]), torch.from_numpy(data.train.y[:512])
+    torch.manual_seed(0)
+    tied = StackedDAE(input_shape=(1, 8, 8), hidden=(24, 16), tied=True, corruption=None)
+    untied = StackedDAE(input_shape=(1, 8, 8), hidden=(24, 16), corruption=None)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(untied) - n_params(tied) == 64 * 24 + 24 * 16  # the two decoder weight matrices
+    assert [n for n, _ in tied.dec1.named_parameters()] == ["bias"]
+    # Layer 1's reconstruction is exactly sigmoid(h W1 ... ) through W1ᵀ: doubling W1 changes it.
+    h = tied.enc1(x.flatten(1))
+    expect = h @ tied.enc1[0].weight + tied.dec1.bias  # (B, 64) pre-activation
+    raw = tied._decode_layer(h, 1)
+    assert raw.shape == (512, 64) and torch.allclose(raw, expect)
+    # W1 is used twice, by the encoder and (transposed) by the decoder: its gradient is not the encoder's alone.
+    tied.zero_grad()
+    tied(x, stage="pretrain-1")["loss"].backward()
+    g_both = tied.enc1[0].weight.grad.clone()
+    w = tied.enc1[0].weight.detach().clone().requires_grad_(True)
+    enc_only = reconstruction_loss(F.linear(torch.sigmoid(F.linear(x.flatten(1), w, tied.enc1[0].bias)),
+                                            tied.enc1[0].weight.detach().t(), tied.dec1.bias), x.flatten(1), "bce")
+    (g_enc,) = torch.autograd.grad(enc_only, w)
+    assert not torch.allclose(g_both, g_enc, atol=1e-6)
+    # Train both stages: fine-tuning changes the encoder, not the (frozen) decoder biases.
+    cfg = TrainConfig(epochs=1, stage_epochs={"pretrain": 1, "finetune": 1}, batch_size=64, lr=1e-2)
+    trainer = Trainer(tied, cfg, log=lambda s: None)
+    batches = TensorBatches(x, y, 64)
+    snaps = {}
+    trainer.fit(lambda e: batches, None, len(batches),
+                lambda r: snaps.__setitem__(r.stage, copy.deepcopy(tied.state_dict())))
+    assert not torch.equal(snaps["pretrain-2"]["enc1.0.weight"], snaps["finetune"]["enc1.0.weight"])
+    assert torch.equal(snaps["pretrain-2"]["dec1.bias"], snaps["finetune"]["dec1.bias"])
+    assert torch.equal(snaps["pretrain-1"]["enc1.0.weight"], snaps["pretrain-2"]["enc1.0.weight"])

@@ -45,6 +45,11 @@ class StackedDAE(Autoencoder):
     fixes the fine-tuning optimiser whatever the run's (fields of :class:`raeflow.models.base.OptimSpec`, with
     ``momentum`` a number): the paper and that reproduction fine-tune by plain SGD while pretraining often wants
     Adam. Neither given: one level for every layer and the run's optimiser throughout, as before.
+
+    ``tied=True`` gives each layer's decoder only a bias and the encoder's weight matrix, transposed (W' = Wᵀ), as
+    the denoising autoencoders of Vincent et al. and the reference tutorial are built: the decoder cannot grow to
+    undo a shrunken encoder, so reconstruction is what shapes the encoder's weights. ``dec{k}`` then holds the bias
+    alone; the decoders stay frozen while fine-tuning, as untied ones do.
     """
 
     #: its fine-tuning stage trains a softmax head on the codes, so it classifies as well as reconstructs
@@ -54,7 +59,8 @@ class StackedDAE(Autoencoder):
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (1000, 1000, 1000),
                  num_classes: int = 10, latent_dim: int | None = None, loss: str = "bce",
                  corruption: dict | None = DEFAULT_CORRUPTION, dropout: float = 0.0, rbm: dict | None = None,
-                 corruption_levels: Sequence[float] | None = None, finetune_optim: dict | None = None):
+                 corruption_levels: Sequence[float] | None = None, finetune_optim: dict | None = None,
+                 tied: bool = False):
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
         widths = [int(h) for h in hidden]
@@ -71,10 +77,12 @@ class StackedDAE(Autoencoder):
         self.num_layers = len(widths)
         self.num_classes = int(num_classes)
         self.dropout = float(dropout)
+        self.tied = bool(tied)
         for k in range(1, self.num_layers + 1):
             # enc{k}: (B, sizes[k-1]) -> (B, sizes[k]) sigmoid units; dec{k}: back, pre-activation.
             setattr(self, f"enc{k}", nn.Sequential(nn.Linear(self.sizes[k - 1], self.sizes[k]), nn.Sigmoid()))
-            setattr(self, f"dec{k}", nn.Linear(self.sizes[k], self.sizes[k - 1]))
+            setattr(self, f"dec{k}", TiedDecoder(self.sizes[k - 1]) if self.tied
+                    else nn.Linear(self.sizes[k], self.sizes[k - 1]))
         self.head = nn.Linear(self.sizes[-1], self.num_classes)  # (B, hn) -> (B, classes) logits
         settings = RBMSettings.from_config(rbm)
         if settings is not None:
@@ -119,8 +127,9 @@ class StackedDAE(Autoencoder):
         if self.rbm is not None and stage.name == "finetune" and fresh:
             n = self.num_layers
             decoders = [getattr(self, f"dec{k}") for k in range(n, 0, -1)]  # from the code outwards
+            # a tied decoder has no weight of its own to receive the RBM's (None: leave it to the encoder's)
             self.rbms.unroll_into([getattr(self, f"enc{k}")[0] for k in range(1, n + 1)],
-                                  [d.weight for d in decoders], [d.bias for d in decoders])
+                                  [None if self.tied else d.weight for d in decoders], [d.bias for d in decoders])
 
     # ------------------------------------------------------------------------------------------ layers
     def _hidden(self, x: torch.Tensor, upto: int, dropout: float = 0.0) -> torch.Tensor:
@@ -134,11 +143,16 @@ class StackedDAE(Autoencoder):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._hidden(x, self.num_layers)
 
+    def _decode_layer(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Layer k's decoder, pre-activation: (B, sizes[k]) -> (B, sizes[k-1])."""
+        dec = getattr(self, f"dec{k}")
+        return dec(h, getattr(self, f"enc{k}")[0].weight) if self.tied else dec(h)
+
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """The decoders stacked in reverse: dec_n, sigmoid, ..., dec_1 (pre-activation, (B, D))."""
         h = z
         for k in range(self.num_layers, 0, -1):
-            h = getattr(self, f"dec{k}")(h)
+            h = self._decode_layer(h, k)
             if k > 1:
                 h = torch.sigmoid(h)  # the layer below's units are sigmoid
         return h
@@ -173,7 +187,7 @@ class StackedDAE(Autoencoder):
                 raise ConfigError(f"sdae has {self.num_layers} layers; no stage {stage!r}")
             with torch.no_grad():  # the layers below are frozen: their clean output is this layer's data
                 clean = self._hidden(x, k - 1)  # (B, sizes[k-1])
-            raw = getattr(self, f"dec{k}")(getattr(self, f"enc{k}")(self._corrupt_layer(clean, k)))
+            raw = self._decode_layer(getattr(self, f"enc{k}")(self._corrupt_layer(clean, k)), k)
             recon = reconstruction_loss(raw, clean, self._layer_loss_kind(k))
             return {"loss": recon, "recon": recon}
         if stage == "finetune":
@@ -182,6 +196,18 @@ class StackedDAE(Autoencoder):
             return classification_terms(self.predict(x), y)
         raise ConfigError(f"sdae has no stage {stage!r}; its stages are pretrain-1..pretrain-{self.num_layers} "
                          "and finetune")
+
+
+class TiedDecoder(nn.Module):
+    """A decoder layer that owns only its bias and reads the encoder layer's weight, transposed. The weight is
+    passed in rather than held, so that freezing this module (fine-tuning) never freezes the encoder's weight."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, h: torch.Tensor, enc_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, enc_weight.t(), self.bias)  # enc_weight (out, in): (B, out) -> (B, in)
 
 
 def _optim_spec(d: dict) -> OptimSpec:
