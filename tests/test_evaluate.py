@@ -10,7 +10,7 @@ import torch
 from raeflow.config import RunConfig
 from raeflow.data import load_eval_data, load_training_data
 from raeflow.io import load_model
-from raeflow.evaluate import TASKS, evaluate, kmeans_centres, parzen_log_likelihood
+from raeflow.evaluate import TASKS, evaluate, kmeans_centres, parzen_log_likelihood, parzen_scores
 from raeflow.train.run import train
 
 QUIET = dict(log=lambda s: None)
@@ -95,6 +95,10 @@ def test_parzen_matches_a_direct_gaussian_mixture_density():
     comp = torch.distributions.Independent(torch.distributions.Normal(samples, sigma), 1)
     direct = torch.logsumexp(comp.log_prob(x[:, None, :]), 1) - math.log(50)
     torch.testing.assert_close(ours, direct)
+    # every sigma of a grid from one pass over the distances: the per-sigma means, chunked or not
+    sigmas = [0.1, 0.3, 1.0]
+    np.testing.assert_allclose(parzen_scores(samples, x, sigmas, chunk=2),
+                               [float(parzen_log_likelihood(samples, x, s).mean()) for s in sigmas], rtol=1e-12)
 
 
 def test_kmeans_centres_find_separated_clusters():
@@ -130,3 +134,31 @@ def test_latent_scatter_draws_codes_of_any_width(tmp_path, dim, how):
     model = DenseAE(input_shape=(1, 8, 8), latent_dim=dim, hidden=(16,)).eval()
     assert latent_scatter(model, x, np.arange(50) % 10, tmp_path / "latent.png") == how
     assert (tmp_path / "latent.png").stat().st_size > 1000
+
+
+def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score(runs, tmp_path, monkeypatch):
+    """jobs/parzen_select.py scores each kept checkpoint on the validation split (never the test split) and
+    writes the best one's weights as a model `raeflow eval` can measure."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from raeflow.train.rundir import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("parzen_select", root / "jobs" / "parzen_select.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "sel.json"
+    monkeypatch.setattr(sys, "argv", ["parzen_select", str(runs["vae"]), "--samples", "500", "--json", str(out),
+                                      "--threads", "1"])
+    job.main()
+    res = json.loads(out.read_text())
+    assert [r["epoch"] for r in res["epochs"]] == [4, 5]  # the two checkpoints a run keeps by default
+    assert res["validation_images"] == len(load_training_data("digits").val)
+    best = max(res["epochs"], key=lambda r: r["val_log_likelihood"])
+    assert res["chosen"] == best and all(np.isfinite(r["val_log_likelihood"]) for r in res["epochs"])
+    chosen = load_checkpoint(runs["vae"] / "checkpoints" / best["checkpoint"])["model"]
+    written = load_model(runs["vae"] / "model-parzen").state_dict()
+    assert all(torch.equal(written[k], v) for k, v in chosen.items())
