@@ -114,6 +114,11 @@ def test_local_resume_continues_an_interrupted_run(tmp_path):
         train(cfg, local=True, log=interrupt_after_epoch_2)
     before = torch.load(tmp_path / "r0" / "checkpoints" / "latest" / "checkpoint.pt", weights_only=True)
     assert before["progress"]["epoch"] == 2
+    # Killed between epoch 2's checkpoint and its metrics row: the checkpoint carries the row, so resuming restores it.
+    metrics = tmp_path / "r0" / "metrics.jsonl"
+    kept = metrics.read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in kept] == [1, 2] and before["row"] == json.loads(kept[1])
+    metrics.write_text(kept[0] + "\n")
     # The run directory moves (another disk, another machine) before it is resumed: it continues where it is.
     (tmp_path / "r0").rename(tmp_path / "r")
     lines: list[str] = []
@@ -122,7 +127,7 @@ def test_local_resume_continues_an_interrupted_run(tmp_path):
     assert any("resumed" in line and "epoch 2" in line for line in lines)
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["3/4", "4/4"]  # 1-2 not redone
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[1] == before["row"]
     assert rows[3]["train_loss"] < rows[0]["train_loss"]
     # Extending a finished run's plan in run.yaml and resuming trains only the new epochs.
     saved = RunConfig.from_yaml(tmp_path / "r" / "run.yaml")

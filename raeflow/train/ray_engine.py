@@ -199,6 +199,11 @@ class _Relay:
             self.log(payload)
             return
         row, total = payload, item[2]
+        if kind == "restored":  # the resumed checkpoint's own row: written only where metrics.jsonl lacks it
+            if row["epoch"] > self.last_epoch:
+                self.run.append_metrics(row)
+                self.last_epoch = row["epoch"]
+            return
         if row["epoch"] <= self.last_epoch:
             self.run.truncate_metrics(row["epoch"] - 1)
         self.run.append_metrics(row)
@@ -555,12 +560,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            trainer.load_state_dict(load_checkpoint(d))
+            state = load_checkpoint(d)
+        trainer.load_state_dict(state)
         restored_at = trainer.progress.epoch
         if rank != 0:  # the checkpoint holds rank 0's RNG state: give the other ranks their own streams again
             seed_everything(cfg.train.seed + 1000003 * rank + 7919 * restored_at)
         if rank == 0:
             say(f"restored from checkpoint at epoch {restored_at}")
+            if state.get("row"):
+                # Ray keeps a checkpoint before the controller relays its epoch's row, so a driver killed in
+                # between resumes past an epoch metrics.jsonl lacks: the checkpoint carries that row to fill it in.
+                outbox.append(["restored", state["row"], trainer.total_epochs])
     if rank == 0:
         say(f"ray train: {world} worker(s), {threads} torch thread(s) each, device {device}")
 
@@ -665,7 +675,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and (r.epoch % every == 0 or r.final or r.is_best):  # one copy: identical on every rank
-                save_checkpoint(trainer.state_dict(), d)
+                save_checkpoint({**trainer.state_dict(), "row": row}, d)  # the row: see the restore above
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{r.epoch:04d}")
 

@@ -93,8 +93,13 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
     seed_everything(cfg.train.seed)
     trainer = Trainer(model, cfg.train, log=log)
     if resume and (run.checkpoints / "latest" / "checkpoint.pt").is_file():
-        trainer.load_state_dict(load_checkpoint(run.checkpoints / "latest"))
+        state = load_checkpoint(run.checkpoints / "latest")
+        trainer.load_state_dict(state)
         run.truncate_metrics(trainer.progress.epoch)
+        # A process killed between the checkpoint and its metrics row: the checkpoint carries the row.
+        row = state.get("row")
+        if row and row["epoch"] > max((r.get("epoch", 0) for r in run.read_metrics()), default=0):
+            run.append_metrics(row)
         log(f"resumed {run.path} at epoch {trainer.progress.epoch}")
     x = rows_of(data.train.x)
     y = None if data.train.y is None else torch.from_numpy(data.train.y)
@@ -116,7 +121,8 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
 
     def on_epoch_end(r: EpochResult) -> None:
         # Checkpoint first: a metrics row is only written for an epoch a resume would not train again.
-        state = trainer.state_dict()
+        row = metrics_row(r)
+        state = {**trainer.state_dict(), "row": row}  # the row: a resume fills it in if it is missing
         if r.epoch % cfg.train.checkpoint_every == 0 or r.final:
             save_checkpoint(state, run.checkpoints / f"epoch-{r.epoch:04d}")
             save_checkpoint(state, run.checkpoints / "latest")
@@ -127,7 +133,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
                 d.rmdir()
         if r.is_best:
             save_checkpoint({"model": state["model"], "epoch": r.epoch}, run.checkpoints / "best")
-        run.append_metrics(metrics_row(r))
+        run.append_metrics(row)
         log(epoch_line(r, trainer.total_epochs))
         if on_epoch is not None:
             on_epoch(r)
