@@ -24,17 +24,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from raeflow.config import RunConfig
-    from raeflow.data import load_eval_data, load_training_data
+    from raeflow.data import load_eval_data
     from raeflow.evaluate import reconstruction
-    from raeflow.registry import build_model
     from raeflow.train.rundir import load_checkpoint
-    from raeflow.train.run import model_config
+    from raeflow.train.run import untrained_model
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_yaml(f"{args.run}/run.yaml")
-    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
-    model = build_model(cfg.variant, **model_config(cfg, data))
+    model, data = untrained_model(cfg)
     state = load_checkpoint(f"{args.run}/checkpoints/{args.checkpoint}")
     model.load_state_dict(state["model"])
     model.eval()

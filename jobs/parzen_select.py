@@ -30,23 +30,19 @@ def main() -> None:
     args = ap.parse_args()
 
     from raeflow.config import RunConfig
-    from raeflow.data import load_training_data
     from raeflow.errors import InputError
     from raeflow.evaluate import PARZEN_SIGMAS, parzen_samples, parzen_scores
     from raeflow.io import save_model
     from raeflow.models import capabilities as cap
-    from raeflow.registry import build_model
     from raeflow.train.rundir import load_checkpoint
-    from raeflow.train.run import model_config
+    from raeflow.train.run import untrained_model
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     cfg = RunConfig.from_yaml(run / "run.yaml")
-    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
+    model, data = untrained_model(cfg)
     if data.val is None:
         raise InputError(f"{run}: the run has no validation split to choose an epoch on")
-    model = build_model(cfg.variant, **model_config(cfg, data))
     if cap.GENERATE not in model.capabilities:
         raise InputError(f"{run}: a {cfg.variant} does not generate, so it has no Parzen score")
     val = torch.from_numpy(data.val.x.reshape(len(data.val), -1)).double()  # (N_val, D)

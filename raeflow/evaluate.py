@@ -128,16 +128,23 @@ def likelihood(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict
     return out
 
 
+def _parzen_distances(samples: torch.Tensor, x: torch.Tensor, chunk: int):
+    """Squared distances of ``x`` (N, D) to ``samples`` (M, D), ``chunk`` rows of x at a time: (b, M) each."""
+    s2 = (samples ** 2).sum(1)  # (M,)
+    for i in range(0, len(x), chunk):
+        xi = x[i:i + chunk]
+        yield (xi ** 2).sum(1, keepdim=True) - 2 * xi @ samples.T + s2
+
+
+def _parzen_log_density(d2: torch.Tensor, sigma: float, m: int, d: int) -> torch.Tensor:
+    """(b, M) squared distances -> (b,) log-densities under the window of width ``sigma`` on M centres in D dims."""
+    return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(m) - d / 2 * math.log(2 * math.pi * sigma ** 2)
+
+
 def parzen_log_likelihood(samples: torch.Tensor, x: torch.Tensor, sigma: float, chunk: int = 500) -> torch.Tensor:
     """Log-density of each row of ``x`` (N, D) under an isotropic Gaussian Parzen window on ``samples`` (M, D): (N,)."""
     m, d = samples.shape
-    s2 = (samples ** 2).sum(1)  # (M,)
-    out = []
-    for i in range(0, len(x), chunk):
-        xi = x[i:i + chunk]
-        d2 = (xi ** 2).sum(1, keepdim=True) - 2 * xi @ samples.T + s2  # (b, M) squared distances
-        out.append(torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(m) - d / 2 * math.log(2 * math.pi * sigma ** 2))
-    return torch.cat(out)
+    return torch.cat([_parzen_log_density(d2, sigma, m, d) for d2 in _parzen_distances(samples, x, chunk)])
 
 
 #: Goodfellow's ``parzen_ll.py`` (the script behind the GAN paper's 225 and the protocol the AAE paper's 340 follows):
@@ -150,14 +157,10 @@ def parzen_scores(samples: torch.Tensor, x: torch.Tensor, sigmas=PARZEN_SIGMAS, 
     """Mean log-density of ``x`` (N, D) under the Parzen window on ``samples`` (M, D) for each sigma: one pass over
     the (N, M) squared distances serves every sigma (they dominate the cost; choosing sigma needs them once)."""
     m, d = samples.shape
-    s2 = (samples ** 2).sum(1)  # (M,)
     totals = np.zeros(len(sigmas))
-    for i in range(0, len(x), chunk):
-        xi = x[i:i + chunk]
-        d2 = (xi ** 2).sum(1, keepdim=True) - 2 * xi @ samples.T + s2  # (b, M)
+    for d2 in _parzen_distances(samples, x, chunk):
         for j, sigma in enumerate(sigmas):
-            ll = torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(m) - d / 2 * math.log(2 * math.pi * sigma ** 2)
-            totals[j] += float(ll.sum())
+            totals[j] += float(_parzen_log_density(d2, sigma, m, d).sum())
     return [float(t / len(x)) for t in totals]
 
 

@@ -244,14 +244,10 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, metric: str,
 def judged_stage(cfg: RunConfig) -> tuple[str, int]:
     """The stage a trial of ``cfg`` is judged on, its model's last, as (name, epochs when nothing stops it): the
     epochs reported to Tune. A fine-tuning config's is its classifier's one stage (:func:`judged_finetune_stage`)."""
-    from raeflow.data import load_training_data
     from raeflow.models.base import TrainPlan
-    from raeflow.registry import build_model
-    from raeflow.train.run import model_config
+    from raeflow.train.run import untrained_model
 
-    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
-    model = build_model(cfg.variant, **model_config(cfg, data))
+    model, _ = untrained_model(cfg)
     last = model.stages(TrainPlan(cfg.train.epochs, dict(cfg.train.stage_epochs)))[-1]
     return last.name, last.epochs
 

@@ -300,7 +300,7 @@ def test_sdae_tied_decoders_read_the_encoders_weights_and_train_with_them():
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n_params(untied) - n_params(tied) == 64 * 24 + 24 * 16  # the two decoder weight matrices
     assert [n for n, _ in tied.dec1.named_parameters()] == ["bias"]
-    # Layer 1's reconstruction is exactly sigmoid(h W1 ... ) through W1ᵀ: doubling W1 changes it.
+    # Layer 1 decodes its codes h through W1ᵀ: pre-activation h W1 + b (W1 is (24, 64), so h W1 is W1ᵀ applied).
     h = tied.enc1(x.flatten(1))
     expect = h @ tied.enc1[0].weight + tied.dec1.bias  # (B, 64) pre-activation
     raw = tied._decode_layer(h, 1)

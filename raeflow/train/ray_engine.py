@@ -200,8 +200,7 @@ class _Relay:
             return
         row, total = payload, item[2]
         if kind == "restored":  # the resumed checkpoint's own row: written only where metrics.jsonl lacks it
-            if row["epoch"] > self.last_epoch:
-                self.run.append_metrics(row)
+            if self.run.fill_in_row(row):
                 self.last_epoch = row["epoch"]
             return
         if row["epoch"] <= self.last_epoch:

@@ -49,6 +49,16 @@ def model_config(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
     return mc
 
 
+def untrained_model(cfg: RunConfig) -> tuple[torch.nn.Module, TrainingData]:
+    """The model ``cfg`` describes, untrained, built as training built it, and the in-memory data that sized it:
+    what a run's checkpoints load into (``cfg`` a run's run.yaml)."""
+    from raeflow.registry import build_model
+
+    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                              weighting=cfg.data.weighting)
+    return build_model(cfg.variant, **model_config(cfg, data)), data
+
+
 def _init_params(variant: str) -> set[str]:
     import inspect
 
@@ -96,10 +106,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
         state = load_checkpoint(run.checkpoints / "latest")
         trainer.load_state_dict(state)
         run.truncate_metrics(trainer.progress.epoch)
-        # A process killed between the checkpoint and its metrics row: the checkpoint carries the row.
-        row = state.get("row")
-        if row and row["epoch"] > max((r.get("epoch", 0) for r in run.read_metrics()), default=0):
-            run.append_metrics(row)
+        run.fill_in_row(state.get("row"))  # killed between the checkpoint and its metrics row
         log(f"resumed {run.path} at epoch {trainer.progress.epoch}")
     x = rows_of(data.train.x)
     y = None if data.train.y is None else torch.from_numpy(data.train.y)

@@ -120,6 +120,14 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
+    def fill_in_row(self, row: dict[str, Any] | None) -> bool:
+        """On resume, the resumed checkpoint's own row (it carries it): appended only when metrics.jsonl has no row
+        of its epoch or a later one, as after a process killed between the checkpoint and its row. True if it was."""
+        if not row or row["epoch"] <= max((r.get("epoch", 0) for r in self.read_metrics()), default=0):
+            return False
+        self.append_metrics(row)
+        return True
+
     def truncate_metrics(self, upto_epoch: int) -> None:
         """On resume, drop rows of epochs after the checkpoint (they will be trained again)."""
         rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= upto_epoch]
