@@ -26,22 +26,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ):
         """Evaluate a trained model: prints and saves (JSON + Markdown) every task that applies."""
         from raeflow.cli.errors import fail
-        from raeflow.evaluate import evaluate, save_results, to_markdown
-        from raeflow.io import model_dir
+        from raeflow.evaluate import evaluate_run, to_markdown
 
         tasks = None if not task or task == ["all"] else task
         try:
-            res = evaluate(model, dataset, tasks, {"k": k, "binarisation": binarisation},
-                           log=(lambda s: None) if as_json else typer.echo)
-            out = output or model_dir(model).parent / "eval"
-            paths = save_results(res, out)
-            from raeflow.modelcard import write_model_card
-            from raeflow.tracking import eval_figures, log_to_run
-
-            run_dir = model_dir(model).parent
-            if (run_dir / "run.yaml").is_file():  # a run directory: its model card and trackers get the figures
-                log_to_run(run_dir, eval_figures(res), {"eval": out}, log=(lambda s: None) if as_json else typer.echo)
-                write_model_card(run_dir)
+            res, paths = evaluate_run(model, dataset, tasks, {"k": k, "binarisation": binarisation}, output,
+                                      log=(lambda s: None) if as_json else typer.echo)
         except Exception as e:  # noqa: BLE001 - fail() re-raises what is not a user error
             fail(e)
         if as_json:

@@ -28,6 +28,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             None, "--finetune", help="Then fine-tune each trial's encoder as a classifier with this run config "
                                      "(train.*, data.dataset, model: {dropout, head_hidden}); --space "
                                      "finetune.train.lr=... searches it; select by its val_error."),
+        evaluate: List[str] = typer.Option([], "--evaluate", help="Then measure the chosen trial, and only it, "
+                                           "on the test split: a raeflow eval task (repeat); writes test.json."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (or RAY_ADDRESS)."),
     ):
         """Search hyperparameters with Ray Tune; each trial is an ordinary raeflow run trained in-process."""
@@ -40,6 +42,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             ft = load_finetune_config(finetune, base) if finetune is not None else None
             tune_runs(base, parse_space(space), metric=metric, mode=mode, trials=trials, scheduler=scheduler,
                       grace_epochs=grace, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
-                      output=output, address=address, finetune=ft, log=typer.echo)
+                      output=output, address=address, finetune=ft, evaluate=evaluate,
+                      log=typer.echo)
         except USER_ERRORS as e:
             fail(e)

@@ -11,7 +11,4 @@ set -euo pipefail
 R=${1:?output directory}
 raeflow tune --config configs/mnist-contractive.yaml --finetune configs/finetune/mnist-contractive-adam.yaml \
     --space 'model.lam=grid(0.03, 0.1, 0.3)' --space 'model.tied=grid(false, true)' \
-    --metric val_error --cpus-per-trial 1 --max-concurrent 2 -o "$R"
-best=$(python -c "import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))['run_dir'])" "$R/trials.csv")
-echo "chosen on validation: $best"
-raeflow eval --model "$best" --task classify
+    --metric val_error --cpus-per-trial 1 --max-concurrent 2 --evaluate classify -o "$R"   # the test: $R/test.json

@@ -11,7 +11,4 @@ set -euo pipefail
 R=${1:?output directory}
 raeflow tune --config configs/mnist-sdae-3.yaml --set model.finetune_optim.kind=adam \
     --space 'model.corruption.level=grid(0.1, 0.25, 0.4)' --space 'model.finetune_optim.lr=grid(3e-4, 1e-3, 3e-3)' \
-    --metric val_error --cpus-per-trial 1 --max-concurrent 2 -o "$R"
-best=$(python -c "import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))['run_dir'])" "$R/trials.csv")
-echo "chosen on validation: $best"
-raeflow eval --model "$best" --task classify
+    --metric val_error --cpus-per-trial 1 --max-concurrent 2 --evaluate classify -o "$R"   # the test: $R/test.json

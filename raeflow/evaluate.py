@@ -22,6 +22,9 @@ from raeflow.data import ArrayDataset, known_datasets, load_eval_data, parse_spe
 from raeflow.models import capabilities as cap
 from raeflow.models.capabilities import capabilities_of
 from raeflow.errors import InputError
+from raeflow.io import model_dir
+from raeflow.modelcard import write_model_card
+from raeflow.tracking import eval_figures, log_to_run
 
 
 @torch.no_grad()
@@ -372,3 +375,19 @@ def save_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     j.write_text(json.dumps(results, indent=2))
     m.write_text(to_markdown(results))
     return j, m
+
+
+def evaluate_run(model_path: "str | Path", dataset: str | None = None, tasks: list[str] | None = None,
+                 opts: dict | None = None, output: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> tuple[dict, tuple[Path, Path]]:
+    """``raeflow eval``'s whole job, for the CLI and for ``raeflow tune --evaluate``: :func:`evaluate`, save
+    ``eval-*.json``/``.md`` (default ``RUN_DIR/eval``) and, where ``model_path`` is a run directory, log the
+    figures to its trackers and rewrite its model card so the card never lags the figures."""
+    res = evaluate(model_path, dataset, tasks, opts, log=log)
+    out = Path(output) if output is not None else model_dir(model_path).parent / "eval"
+    paths = save_results(res, out)
+    run_dir = model_dir(model_path).parent
+    if (run_dir / "run.yaml").is_file():
+        log_to_run(run_dir, eval_figures(res), {"eval": out}, log=log)
+        write_model_card(run_dir)
+    return res, paths

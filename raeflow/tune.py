@@ -11,6 +11,9 @@ early; a staged model (sdae: layer-wise pretraining, then supervised fine-tuning
 alone, since its earlier stages lack the metric (``val_error``) or log another quantity under its name
 (``val_loss`` is a reconstruction while pretraining, a cross-entropy while fine-tuning). The search writes
 ``DIR/trials.csv``, ``DIR/trials.md`` and ``DIR/best.yaml`` (the base config with the chosen values).
+``evaluate=`` (the CLI's ``--evaluate TASK``) then measures the chosen trial, and only it, on the test split once
+(``raeflow eval``'s tasks) and writes ``DIR/test.json``: the choice and its test figure in one place, made by the
+same command that made the choice, so no script between them can pick a trial by its test score.
 
 Pretrain, then fine-tune (``finetune=``, the CLI's ``--finetune FT.yaml``): each trial trains the autoencoder of
 the base config (``trials/ID/pretrain``), then fine-tunes its encoder as a classifier (``trials/ID/finetune``) with
@@ -33,7 +36,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -158,6 +161,7 @@ class TuneResult:
     best_config: RunConfig
     output: Path
     files: list[Path] = field(default_factory=list)
+    test: dict | None = None  # evaluate=: raeflow eval's results for the chosen trial's run (test split)
 
 
 def shared_pretraining(cfg: RunConfig, root: str | Path, log: Callable[[str], None]) -> Path:
@@ -263,9 +267,16 @@ def judged_finetune_stage(ft: RunConfig) -> tuple[str, int]:
 def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str = "min", trials: int | None = None,
               scheduler: str | None = None, grace_epochs: int = 1, cpus_per_trial: float = 0.5,
               max_concurrent: int | None = None, output: str | Path, address: str | None = None,
-              finetune: RunConfig | None = None, log: Callable[[str], None] = print) -> TuneResult:
+              finetune: RunConfig | None = None, evaluate: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> TuneResult:
     """Search ``space`` around ``base``; every trial is an in-process raeflow run under ``output/trials/``.
-    ``finetune``: each trial pretrains ``base`` and then fine-tunes its encoder with this config (module doc)."""
+    ``finetune``: each trial pretrains ``base`` and then fine-tunes its encoder with this config (module doc).
+    ``evaluate``: raeflow eval tasks measured on the chosen trial's run once the choice is made (module doc)."""
+    from raeflow.evaluate import TASKS, evaluate_run
+
+    unknown = sorted(set(evaluate) - set(TASKS))
+    if unknown:  # refused now, not after an hour of trials
+        raise ConfigError(f"--evaluate {unknown}: unknown task(s); known: {sorted(TASKS)}")
     if not metric.startswith("val_"):
         raise ConfigError(f"--metric must be a validation metric (val_...), not {metric!r}: selecting on the "
                          "training or test split would report a biased figure")
@@ -349,7 +360,18 @@ def tune_runs(base: RunConfig, space: dict[str, Dist], *, metric: str, mode: str
         files.append(out / "best-finetune.yaml")
     log(f"best of {len(rows)} trials: {metric}={best.best:.6g} at epoch {best.best_epoch} with "
         + ", ".join(f"{k}={v}" for k, v in best.values.items()) + f"  (run {best.run_dir})")
-    return TuneResult(metric, mode, rows, best, best_cfg, out, files)
+    test = None
+    if evaluate:
+        res, _ = evaluate_run(best.run_dir, tasks=list(evaluate), log=log)
+        test = {"trial": best.trial, "values": best.values, "metric": metric, "validation": best.best,
+                "best_epoch": best.best_epoch, "run_dir": best.run_dir, "split": res["split"],
+                "tasks": res["tasks"]}
+        (out / "test.json").write_text(json.dumps(test, indent=1))
+        with (out / "trials.md").open("a") as f:
+            f.write(f"\nThe chosen trial {best.trial}, measured once on the {res['split']} split: test.json "
+                    f"(and {best.run_dir}/eval).\n")
+        files.append(out / "test.json")
+    return TuneResult(metric, mode, rows, best, best_cfg, out, files, test)
 
 
 def write_reports(out: Path, rows: list[TrialRow], best: TrialRow, best_cfg: RunConfig, metric: str,

@@ -42,14 +42,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     _train(root / "dae", "dae", ["model.hidden=[64]", "plots.projections=[pca,tsne]", "plots.scatter_n=200"],
            track=["mlflow", "tensorboard"])
     _train(root / "ae", "ae", ["model.hidden=[64]"], track=["mlflow"])
-    from raeflow.evaluate import evaluate, save_results
-    from raeflow.modelcard import write_model_card
-    from raeflow.tracking import eval_figures, log_to_run
+    from raeflow.evaluate import evaluate_run
 
-    res = evaluate(root / "dae", None, ["reconstruction"], {}, log=lambda *_: None)
-    save_results(res, root / "dae" / "eval")
-    log_to_run(root / "dae", eval_figures(res), {"eval": root / "dae" / "eval"}, log=lambda *_: None)
-    write_model_card(root / "dae")
+    evaluate_run(root / "dae", None, ["reconstruction"], log=lambda *_: None)  # raeflow eval: save, track, card
     return {"root": root, "dae": root / "dae", "ae": root / "ae"}
 
 

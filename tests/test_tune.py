@@ -42,6 +42,10 @@ def test_space_parsing_and_refusals(tmp_path):
         tune_runs(_base(), space, metric="test_loss", output=tmp_path / "t")
     with pytest.raises(ValueError, match="validation metric"):
         tune_runs(_base(), space, metric="train_loss", output=tmp_path / "t")
+    # --evaluate names raeflow eval tasks: a typo is refused before the search, not after it
+    with pytest.raises(ValueError, match="unknown task"):
+        tune_runs(_base(), space, metric="val_loss", output=tmp_path / "t", evaluate=["clasify"])
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.ray
@@ -129,8 +133,17 @@ def test_a_staged_model_is_judged_on_its_last_stage(ray_local, tmp_path):
     base.train.batch_size, base.train.stage_epochs = 64, {"pretrain": 1, "finetune": 3}
     out = tmp_path / "sdae"
     res = tune_runs(base, parse_space(["model.finetune_optim.lr=grid(1e-2, 1e-7)"]), metric="val_error",
-                    output=out, log=lambda s: None)
+                    output=out, evaluate=["classify"], log=lambda s: None)
     assert res.best.values == {"model.finetune_optim.lr": 1e-2}
+    # --evaluate: the chosen trial, and no other, measured on the test split; test.json says which and how
+    test = json.loads((out / "test.json").read_text())
+    assert test == json.loads(json.dumps(res.test))
+    assert test["trial"] == res.best.trial and test["run_dir"] == res.best.run_dir and test["split"] == "test"
+    assert test["validation"] == res.best.best and list(test["tasks"]) == ["classify"]
+    assert 0 < test["tasks"]["classify"]["test_error"] < 0.5 and test["tasks"]["classify"]["n"] == 300
+    saved = json.loads((Path(res.best.run_dir) / "eval" / "eval-digits.json").read_text())
+    assert saved["tasks"]["classify"]["test_error"] == test["tasks"]["classify"]["test_error"]
+    assert [r.trial for r in res.rows if (Path(r.run_dir) / "eval").exists()] == [res.best.trial]
     errors = {r.values["model.finetune_optim.lr"]: r.best for r in res.rows}
     assert errors[1e-2] < 0.5 < errors[1e-7], errors  # 0.30 vs 0.90 measured: 1e-7 leaves the head at chance
     # 3 fine-tuning epochs reported, not the 2 pretraining epochs before them
