@@ -45,7 +45,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     early_stopping: int | None = None  # stop the final stage after this many epochs without improvement
     seed: int = 0
-    threads: int | None = None  # torch threads per worker; None: cores / workers (at least 1)
+    # torch threads per worker; None: OMP_NUM_THREADS in a local run where set, else cores / workers (at least 1)
+    threads: int | None = None
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 2  # the latest K are kept, plus the best by the variant's selection metric
 

@@ -102,6 +102,26 @@ def test_run_directory_is_never_overwritten(tmp_path):
     assert config["raeflow_version"] == raeflow.__version__
 
 
+@pytest.mark.parametrize("env, setting, expected", [("1", None, 1), ("3", None, 3), ("1", 2, 2), ("", None, None),
+                                                    ("zero", None, None)])
+def test_a_local_run_honours_omp_num_threads_unless_train_threads_is_set(env, setting, expected, tmp_path,
+                                                                         monkeypatch):
+    """Two runs started side by side with OMP_NUM_THREADS=1 must each use one torch thread, as torch's own default
+    does: raeflow's cores-per-worker default made them spin two OpenMP threads each on two cores (5-6x slower)."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    cfg = RunConfig(variant="ae", model={"hidden": [16], "latent_dim": 4}, output=str(tmp_path / "run"))
+    cfg.data.dataset, cfg.train.epochs, cfg.train.threads = "digits", 1, setting
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        train(cfg, local=True, log=lambda s: s.startswith("epoch ") and seen.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [expected or os.cpu_count()]  # while the epoch trained
+
+
 def test_local_resume_continues_an_interrupted_run(tmp_path):
     cfg = RunConfig(variant="ae", model={"hidden": [16], "latent_dim": 4}, output=str(tmp_path / "r0"))
     cfg.data.dataset, cfg.train.epochs, cfg.train.threads = "digits", 4, 1

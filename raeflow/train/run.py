@@ -20,7 +20,7 @@ from raeflow.data.stream import StreamedData, choose_read, in_memory_bytes
 from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
 from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
-from raeflow.train.report import epoch_line, metrics_row, threads_per_worker
+from raeflow.train.report import epoch_line, metrics_row, omp_threads, threads_per_worker
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.errors import InputError
 
@@ -99,7 +99,7 @@ def fit_local(cfg: RunConfig, model, data: TrainingData, run: RunDir, resume: bo
               log: Callable[[str], None] = print,
               on_epoch: Callable[[EpochResult], None] | None = None) -> dict[str, torch.Tensor]:
     """Train in this process (no Ray); returns the selected (best) model state."""
-    torch.set_num_threads(threads_per_worker(1, cfg.train.threads))
+    torch.set_num_threads(threads_per_worker(1, cfg.train.threads or omp_threads()))
     seed_everything(cfg.train.seed)
     trainer = Trainer(model, cfg.train, log=log)
     if resume and (run.checkpoints / "latest" / "checkpoint.pt").is_file():
