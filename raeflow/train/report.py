@@ -33,8 +33,8 @@ def omp_threads() -> int | None:
     honours it, as torch itself does: two runs started side by side with ``OMP_NUM_THREADS=1`` on two cores must
     not each set two OpenMP threads, which then spin-wait on each other (measured side by side on this 2-core
     machine: an AAE epoch 290 s instead of 55 s, a contractive AE's 50 s instead of 8 s, most of it in libgomp's
-    spin loop). Ray sets the variable in its own workers, which size
-    their threads from their share of the node instead."""
+    spin loop). Ray sets the variable in its own workers, which size their threads from their share of the node
+    instead."""
     try:
         n = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
