@@ -384,9 +384,9 @@ def evaluate_run(model_path: "str | Path", dataset: str | None = None, tasks: li
     ``eval-*.json``/``.md`` (default ``RUN_DIR/eval``) and, where ``model_path`` is a run directory, log the
     figures to its trackers and rewrite its model card so the card never lags the figures."""
     res = evaluate(model_path, dataset, tasks, opts, log=log)
-    out = Path(output) if output is not None else model_dir(model_path).parent / "eval"
-    paths = save_results(res, out)
     run_dir = model_dir(model_path).parent
+    out = Path(output) if output is not None else run_dir / "eval"
+    paths = save_results(res, out)
     if (run_dir / "run.yaml").is_file():
         log_to_run(run_dir, eval_figures(res), {"eval": out}, log=log)
         write_model_card(run_dir)

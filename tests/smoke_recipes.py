@@ -29,18 +29,16 @@ def smoke(recipe: Path, rows: int, out: Path) -> dict:
     import torch
 
     from raeflow.config import RunConfig
-    from raeflow.data import load_training_data
     from raeflow.evaluate import evaluate
     from raeflow.models.base import TrainPlan
     from raeflow.registry import build_model
-    from raeflow.train.run import model_config, train
+    from raeflow.train.run import in_memory_data, model_config, train
 
     torch.set_num_threads(1)  # a smoke run, not a benchmark: leave a core to whatever else runs
     cfg = RunConfig.from_yaml(recipe)
     cfg.train.epochs = 1
     cfg.output = str(out / recipe.stem)
-    data = subset(load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                                     weighting=cfg.data.weighting), rows)
+    data = subset(in_memory_data(cfg), rows)
     stages = build_model(cfg.variant, **model_config(cfg, data)).stages(TrainPlan(1))
     cfg.train.stage_epochs = {s.name: 1 for s in stages}
     t0 = time.perf_counter()

@@ -54,9 +54,14 @@ def untrained_model(cfg: RunConfig) -> tuple[torch.nn.Module, TrainingData]:
     what a run's checkpoints load into (``cfg`` a run's run.yaml)."""
     from raeflow.registry import build_model
 
-    data = load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
+    data = in_memory_data(cfg)
     return build_model(cfg.variant, **model_config(cfg, data)), data
+
+
+def in_memory_data(cfg: RunConfig) -> TrainingData:
+    """``cfg``'s training data read into memory, split and vectorised as its run reads it."""
+    return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
+                              weighting=cfg.data.weighting)
 
 
 def _init_params(variant: str) -> set[str]:
@@ -86,8 +91,7 @@ def read_training_data(cfg: RunConfig, local: bool, log: Callable[[str], None]) 
         return data
     if why not in ("built-in dataset", "not found"):
         log(f"data: read into memory ({why})")
-    return load_training_data(cfg.data.dataset, cfg.data.val_size, vocab_size=cfg.data.vocab_size,
-                              weighting=cfg.data.weighting)
+    return in_memory_data(cfg)
 
 
 def rows_of(x: Any) -> Any:
