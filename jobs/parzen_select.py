@@ -1,6 +1,6 @@
 """Choose a generator's epoch by its Parzen score on the validation split, then hand that epoch to `raeflow eval`.
 
-    .venv/bin/python jobs/parzen_select.py RUN_DIR [--samples 10000] [--json FILE]
+    .venv/bin/python jobs/parzen_select.py RUN_DIR [--samples 10000] [--json FILE] [--bar SCORE] [--posterior N]
 
 A run selects its kept epoch by the variant's ``selection_metric`` (the AAE's: validation reconstruction), which
 is not what the Parzen protocol rewards. This script scores every checkpoint the run kept (``epoch-NNNN``; train
@@ -9,16 +9,34 @@ but on the validation split instead of the test split: the same seeded samples `
 draws, the standard sigma grid, the best sigma's mean log-density of the validation images (held out from
 training). The best checkpoint's model is written to ``RUN_DIR/model-parzen``; measure it once with
 ``raeflow eval --model RUN_DIR/model-parzen --task parzen``. The test split is never read here.
+
+``--bar SCORE`` is a recipe's declared rule: the choice is written either way, but the exit status is 3 unless the
+chosen epoch's validation score beats SCORE, so a script measures the test split only when it does.
+``--posterior N`` also scores, at each checkpoint, the decoded codes of N training images: the samples a prior
+matched perfectly to the encoder's codes would give. Its gap to the prior samples' score is what the mismatch
+between codes and prior costs; the score itself is the ceiling of that decoder under the protocol.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+#: Exit status when the chosen epoch does not beat --bar (errors exit 1).
+BELOW_BAR = 3
+
+
+@torch.no_grad()
+def posterior_samples(model, x: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
+    """The decoded codes of ``n`` rows of ``x`` drawn without replacement: (n, D) float64, like ``parzen_samples``."""
+    rows = torch.from_numpy(x[np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))])
+    return torch.cat([model.decode(model.encode(rows[i:i + 1000])).reshape(-1, model.input_dim)
+                      for i in range(0, len(rows), 1000)]).double()
 
 
 def main() -> None:
@@ -27,6 +45,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10000, help="samples per checkpoint (the protocol's 10,000)")
     ap.add_argument("--json", help="write the per-epoch scores and the choice here")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bar", type=float, help=f"exit with status {BELOW_BAR} unless the chosen epoch's validation "
+                                              "score beats this (a recipe's declared rule)")
+    ap.add_argument("--posterior", type=int, default=0, metavar="N",
+                    help="also score the decoded codes of N training images at each checkpoint (needs an encoder)")
     args = ap.parse_args()
 
     from raeflow.config import RunConfig
@@ -45,6 +67,8 @@ def main() -> None:
         raise InputError(f"{run}: the run has no validation split to choose an epoch on")
     if cap.GENERATE not in model.capabilities:
         raise InputError(f"{run}: a {cfg.variant} does not generate, so it has no Parzen score")
+    if args.posterior and cap.ENCODE not in model.capabilities:
+        raise InputError(f"{run}: a {cfg.variant} has no encoder, so --posterior has no codes to decode")
     val = torch.from_numpy(data.val.x.reshape(len(data.val), -1)).double()  # (N_val, D)
     kept = sorted(run.glob("checkpoints/epoch-*"))
     if not kept:
@@ -58,9 +82,16 @@ def main() -> None:
         model.eval()
         scores = parzen_scores(parzen_samples(model, args.samples), val)
         i = int(np.argmax(scores))
-        rows.append({"checkpoint": ckpt.name, "epoch": state["progress"]["epoch"], "val_log_likelihood": scores[i],
-                     "sigma": float(PARZEN_SIGMAS[i]), "sigma_at_grid_edge": i in (0, len(PARZEN_SIGMAS) - 1)})
-        print(f"{ckpt.name}: validation Parzen {scores[i]:.1f} nats at sigma {PARZEN_SIGMAS[i]:.3f} "
+        row = {"checkpoint": ckpt.name, "epoch": state["progress"]["epoch"], "val_log_likelihood": scores[i],
+               "sigma": float(PARZEN_SIGMAS[i]), "sigma_at_grid_edge": i in (0, len(PARZEN_SIGMAS) - 1)}
+        note = ""
+        if args.posterior:
+            post = parzen_scores(posterior_samples(model, data.train.x, args.posterior), val)
+            j = int(np.argmax(post))
+            row.update(posterior_val_log_likelihood=post[j], posterior_sigma=float(PARZEN_SIGMAS[j]))
+            note = f"; decoded training codes {post[j]:.1f} at sigma {PARZEN_SIGMAS[j]:.3f}"
+        rows.append(row)
+        print(f"{ckpt.name}: validation Parzen {scores[i]:.1f} nats at sigma {PARZEN_SIGMAS[i]:.3f}{note} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     best = max(rows, key=lambda r: r["val_log_likelihood"])
     model.load_state_dict(load_checkpoint(run / "checkpoints" / best["checkpoint"])["model"])
@@ -69,8 +100,15 @@ def main() -> None:
     print(f"chosen on validation: {best['checkpoint']} ({best['val_log_likelihood']:.1f}); model written to "
           f"{run / 'model-parzen'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": str(run), "validation_images": len(val),
-                                               "samples": args.samples, "epochs": rows, "chosen": best}, indent=1))
+        Path(args.json).write_text(json.dumps({"run": str(run), "validation_images": len(val), "samples": args.samples,
+                                               "posterior_samples": args.posterior, "bar": args.bar,
+                                               "epochs": rows, "chosen": best}, indent=1))
+    if args.bar is not None:
+        beats = best["val_log_likelihood"] > args.bar
+        print(f"validation {best['val_log_likelihood']:.1f} {'beats' if beats else 'does not beat'} {args.bar}: the test "
+              f"split is {'to be' if beats else 'not'} measured")
+        if not beats:
+            sys.exit(BELOW_BAR)
 
 
 if __name__ == "__main__":
