@@ -162,3 +162,27 @@ def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score
     chosen = load_checkpoint(runs["vae"] / "checkpoints" / best["checkpoint"])["model"]
     written = load_model(runs["vae"] / "model-parzen").state_dict()
     assert all(torch.equal(written[k], v) for k, v in chosen.items())
+
+    # --posterior scores the decoded codes of training images beside the prior's samples; --bar is a recipe's rule:
+    # the choice is written either way, and the exit status says whether the test split may be measured.
+    score = best["val_log_likelihood"]
+    for bar, status in ((score - 1.0, None), (score + 1.0, job.BELOW_BAR)):
+        monkeypatch.setattr(sys, "argv", ["parzen_select", str(runs["vae"]), "--samples", "500", "--json", str(out),
+                                          "--threads", "1", "--posterior", "300", "--bar", str(bar)])
+        if status is None:
+            job.main()
+        else:
+            with pytest.raises(SystemExit) as exc:
+                job.main()
+            assert exc.value.code == status
+        res = json.loads(out.read_text())
+        assert res["bar"] == bar and res["posterior_samples"] == 300
+        assert res["chosen"]["val_log_likelihood"] == pytest.approx(score)  # the same seeded samples
+        assert all(np.isfinite(r["posterior_val_log_likelihood"]) for r in res["epochs"])
+    # decoded codes of distinct training rows, in the model's data space
+    model = load_model(runs["vae"] / "model-parzen")
+    train_x = load_training_data("digits").train.x
+    post = job.posterior_samples(model, train_x, 300)
+    assert post.shape == (300, model.input_dim) and post.dtype == torch.float64
+    assert torch.equal(post, job.posterior_samples(model, train_x, 300))  # seeded
+    assert len(job.posterior_samples(model, train_x[:50], 300)) == 50  # never more rows than there are
