@@ -186,3 +186,19 @@ def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score
     assert post.shape == (300, model.input_dim) and post.dtype == torch.float64
     assert torch.equal(post, job.posterior_samples(model, train_x, 300))  # seeded
     assert len(job.posterior_samples(model, train_x[:50], 300)) == 50  # never more rows than there are
+
+
+def test_split_difficulty_job_counts_nearest_neighbour_mistakes():
+    """jobs/split_difficulty.py: a row is wrong exactly when its nearest reference row has another label."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("split_difficulty",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "split_difficulty.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    ref = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = np.array([0, 1, 2])
+    x = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [6.0, 0.0]])  # the last sits nearer label 1's row
+    assert job.nearest_neighbour_error(ref, labels, x, np.array([0, 1, 2, 0]), chunk=3) == 0.25
+    assert job.nearest_neighbour_error(ref, labels, x, np.array([0, 1, 2, 1])) == 0.0
