@@ -121,6 +121,20 @@ def test_finetune_trains_a_classifier_far_better_than_chance(ae_run, digits_test
     assert saved.variant == "classifier" and saved.model["base_variant"] == "ae"
 
 
+def test_finetune_with_one_seed_repeats_itself_whatever_ran_before(ae_run, tmp_path):
+    """train.seed decides the head's initial weights too: the same seed gives the same run even after other random
+    draws in the process (it used to take the head from wherever the global RNG stood), another seed another run."""
+    def run(name, seed):
+        torch.rand(17)  # whatever the process drew before
+        result = finetune(ae_run, "digits", tmp_path / name, epochs=2, batch_size=64, local=True,
+                          sets=["train.threads=1", f"train.seed={seed}"], **QUIET)
+        return [(r["train_ce"], r["val_ce"]) for r in RunDir(result.run_dir).read_metrics()]
+
+    first = run("a", 3)
+    assert run("b", 3) == first
+    assert run("c", 4) != first
+
+
 def test_finetune_cli_end_to_end(ae_run, tmp_path):
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["finetune", "--model", str(ae_run), "--dataset", "digits", "--output", str(out),
