@@ -33,9 +33,11 @@ BELOW_BAR = 3
 
 @torch.no_grad()
 def posterior_samples(model, x: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
-    """The decoded codes of ``n`` rows of ``x`` drawn without replacement: (n, D) float64, like ``parzen_samples``."""
+    """The reconstructions (decoded codes) of ``n`` rows of ``x`` drawn without replacement: (n, D) float64, like
+    ``parzen_samples``. ``model.reconstruct``, not decode(encode()): a variant's own path back (a conv-AE's unpooling
+    needs its encoder's indices)."""
     rows = torch.from_numpy(x[np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))])
-    return torch.cat([model.decode(model.encode(rows[i:i + 1000])).reshape(-1, model.input_dim)
+    return torch.cat([model.reconstruct(rows[i:i + 1000]).reshape(-1, model.input_dim)
                       for i in range(0, len(rows), 1000)]).double()
 
 
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--bar", type=float, help=f"exit with status {BELOW_BAR} unless the chosen epoch's validation "
                                               "score beats this (a recipe's declared rule)")
     ap.add_argument("--posterior", type=int, default=0, metavar="N",
-                    help="also score the decoded codes of N training images at each checkpoint (needs an encoder)")
+                    help="also score the decoded codes of N training images at each checkpoint (needs reconstruct)")
     args = ap.parse_args()
 
     from raeflow.config import RunConfig
@@ -67,8 +69,8 @@ def main() -> None:
         raise InputError(f"{run}: the run has no validation split to choose an epoch on")
     if cap.GENERATE not in model.capabilities:
         raise InputError(f"{run}: a {cfg.variant} does not generate, so it has no Parzen score")
-    if args.posterior and cap.ENCODE not in model.capabilities:
-        raise InputError(f"{run}: a {cfg.variant} has no encoder, so --posterior has no codes to decode")
+    if args.posterior and cap.RECONSTRUCT not in model.capabilities:
+        raise InputError(f"{run}: a {cfg.variant} does not reconstruct, so --posterior has no codes to decode")
     val = torch.from_numpy(data.val.x.reshape(len(data.val), -1)).double()  # (N_val, D)
     kept = sorted(run.glob("checkpoints/epoch-*"))
     if not kept:
