@@ -16,18 +16,15 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
-def nearest_neighbour_error(reference: torch.Tensor, labels: np.ndarray, x: torch.Tensor, y: np.ndarray,
-                            chunk: int = 1000) -> float:
-    """The share of ``x`` (N, D) whose nearest row of ``reference`` (M, D) has another label than ``y``."""
-    r2 = (reference ** 2).sum(1)  # (M,)
-    wrong = 0
-    for i in range(0, len(x), chunk):
-        d2 = r2 - 2 * x[i:i + chunk] @ reference.T  # (b, M); |x|^2 does not change which row is nearest
-        wrong += int((labels[d2.argmin(1).numpy()] != y[i:i + chunk]).sum())
-    return wrong / len(x)
+def nearest_neighbour_error(reference: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """The share of ``x`` (N, D) whose nearest row of ``reference`` (M, D) has another label than ``y``: the k-NN of
+    ``raeflow eval --task probe`` with k = 1, exhaustive."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=1, algorithm="brute").fit(reference, labels)
+    return float(np.mean(knn.predict(x) != y))
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     from raeflow.data import load_eval_data
 
     def flat(split):  # (N, D) float32 pixels and (N,) labels
-        return torch.from_numpy(split.x.reshape(len(split.x), -1).astype(np.float32)), np.asarray(split.y)
+        return split.x.reshape(len(split.x), -1).astype(np.float32), np.asarray(split.y)
 
     train_x, train_y = flat(load_eval_data(f"{args.dataset}:train"))
     test_x, test_y = flat(load_eval_data(f"{args.dataset}:test"))

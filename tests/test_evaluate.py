@@ -136,20 +136,26 @@ def test_latent_scatter_draws_codes_of_any_width(tmp_path, dim, how):
     assert (tmp_path / "latent.png").stat().st_size > 1000
 
 
+def _load_job(name: str):
+    """A script of jobs/ as a module (jobs/ is not a package: `ray job submit` runs them as files)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
 def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score(runs, tmp_path, monkeypatch):
     """jobs/parzen_select.py scores each kept checkpoint on the validation split (never the test split) and
     writes the best one's weights as a model `raeflow eval` can measure."""
-    import importlib.util
     import json
     import sys
-    from pathlib import Path
 
     from raeflow.train.rundir import load_checkpoint
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("parzen_select", root / "jobs" / "parzen_select.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = _load_job("parzen_select")
     out = tmp_path / "sel.json"
     monkeypatch.setattr(sys, "argv", ["parzen_select", str(runs["vae"]), "--samples", "500", "--json", str(out),
                                       "--threads", "1"])
@@ -190,15 +196,9 @@ def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score
 
 def test_split_difficulty_job_counts_nearest_neighbour_mistakes():
     """jobs/split_difficulty.py: a row is wrong exactly when its nearest reference row has another label."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("split_difficulty",
-                                                  Path(__file__).resolve().parents[1] / "jobs" / "split_difficulty.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    ref = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    job = _load_job("split_difficulty")
+    ref = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     labels = np.array([0, 1, 2])
-    x = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [6.0, 0.0]])  # the last sits nearer label 1's row
-    assert job.nearest_neighbour_error(ref, labels, x, np.array([0, 1, 2, 0]), chunk=3) == 0.25
+    x = np.array([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [6.0, 0.0]])  # the last sits nearer label 1's row
+    assert job.nearest_neighbour_error(ref, labels, x, np.array([0, 1, 2, 0])) == 0.25
     assert job.nearest_neighbour_error(ref, labels, x, np.array([0, 1, 2, 1])) == 0.0
