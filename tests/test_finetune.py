@@ -135,6 +135,20 @@ def test_finetune_with_one_seed_repeats_itself_whatever_ran_before(ae_run, tmp_p
     assert run("c", 4) != first
 
 
+def test_finetune_without_a_validation_split_selects_by_training_error_and_says_so(ae_run, tmp_path):
+    """data.val_size=0 (a final model on every labelled row): no val_* metric exists, the kept epoch is the one with
+    the lowest training error (the earliest of equals), and the summary names that metric, not val_error."""
+    lines: list[str] = []
+    result = finetune(ae_run, "digits", tmp_path / "all", epochs=3, batch_size=64, local=True,
+                      sets=["train.threads=1", "data.val_size=0"], log=lines.append)
+    rows = RunDir(result.run_dir).read_metrics()
+    assert not any(k.startswith("val_") for r in rows for k in r)
+    best = min(rows, key=lambda r: (r["train_error"], r["epoch"]))
+    assert (result.best_epoch, result.best) == (best["epoch"], pytest.approx(best["train_error"]))
+    summary = "\n".join(lines)
+    assert "by train_error (no validation split)" in summary and "by val_error" not in summary
+
+
 def test_finetune_cli_end_to_end(ae_run, tmp_path):
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["finetune", "--model", str(ae_run), "--dataset", "digits", "--output", str(out),

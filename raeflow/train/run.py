@@ -249,7 +249,10 @@ def summary_table(result: TrainResult, rows: list[dict[str, Any]]) -> str:
         vals = " ".join(f"{r.get(c, math.nan):>15.4f}" for c in cols)
         lines.append(f"{r['epoch']:>5} {r['stage']:<12} {vals} {r.get('samples_per_s', 0):>10.0f}"
                      + ("  *" if r.get("best") else ""))
-    chosen = (f"selected epoch {result.best_epoch} by {sel} = {result.best:.4f}" if math.isfinite(result.best)
+    # Without a validation split the trainer selects by the metric's training twin (loop.selection_value): say so,
+    # rather than print a training loss under the validation metric's name.
+    by = sel if any(sel in r for r in rows) else f"{sel.replace('val_', 'train_')} (no validation split)"
+    chosen = (f"selected epoch {result.best_epoch} by {by} = {result.best:.4f}" if math.isfinite(result.best)
               else f"kept the last epoch ({result.best_epoch}; no validation split to select by)")
     lines += ["", f"{chosen}; wall {result.wall_s:.1f}s",
               f"run directory: {result.run_dir}  (model/, metrics.jsonl, plots/, run.yaml)"]
