@@ -371,6 +371,31 @@ def test_aae_phases_update_only_their_modules(digits_batch):
     assert {"recon_recon", "disc_disc", "disc_disc_acc", "gen_gen"} <= set(seen)
 
 
+def test_aae_gaussian_posterior_samples_codes_in_training_only(digits_batch):
+    """posterior_std > 0: every training phase sees E(x) + posterior_std * noise (the discriminator's input in the
+    gen and disc phases, the decoder's in recon); encode() and eval-mode reconstructions stay the mean."""
+    x = digits_batch[0][:256]
+    torch.manual_seed(0)
+    model = build_model("aae", input_shape=[1, 8, 8], hidden=[32], latent_dim=4, disc_hidden=[16], posterior_std=0.5)
+    seen: list[torch.Tensor] = []
+    model.discriminator.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    mean = model.encode(x)  # (256, 4)
+    model.train()
+    model(x, phase="gen")
+    model(x, phase="disc")  # the discriminator sees prior draws first, then the codes
+    for codes in (seen[0], seen[2]):
+        assert (codes - mean).std().item() == pytest.approx(0.5, rel=0.1)
+    torch.manual_seed(1)
+    a = model(x, phase="recon")["recon"]
+    torch.manual_seed(2)
+    assert model(x, phase="recon")["recon"] != a  # a fresh draw per call
+    model.eval()
+    assert torch.equal(model.encode(x), mean) and torch.equal(model.reconstruct(x), model.decode(mean))
+    assert model(x, phase="recon")["recon"] == model(x, phase="recon")["recon"]
+    with pytest.raises(ValueError, match="posterior_std"):
+        build_model("aae", input_shape=[1, 8, 8], posterior_std=-0.1)
+
+
 def test_aae_mixture_prior_lies_on_a_circle():
     torch.manual_seed(0)
     model = build_model("aae", input_shape=[1, 8, 8], hidden=[8], latent_dim=3, disc_hidden=[8], prior="mixture",

@@ -32,6 +32,11 @@ class AdversarialAE(Autoencoder):
     ``mixture_std`` whose means sit on a circle of radius ``mixture_radius`` in the first two code dimensions
     (0 in the others), the paper's 10-Gaussian mixture when n_components=10.
     Corruption (if configured) applies to the reconstruction phase's input only.
+    ``posterior_std``: 0 (default, the paper's deterministic encoder) or the std of a Gaussian posterior
+    q(z|x) = N(E(x), posterior_std^2 I) with a fixed variance (the paper's "Gaussian posterior" choice): in training
+    every phase samples the code, so the decoder learns to decode the neighbourhood of each code (where prior draws
+    that miss every training code land) and the discriminator matches the sampled codes, the aggregated posterior, to
+    the prior. ``encode`` returns the mean.
     """
 
     capabilities = frozenset({cap.ENCODE, cap.RECONSTRUCT, cap.GENERATE})
@@ -42,14 +47,16 @@ class AdversarialAE(Autoencoder):
                  hidden: Sequence[int] = (1000, 1000), activation: str = "relu", loss: str = "bce",
                  disc_hidden: Sequence[int] = (1000, 1000), prior: str = "gaussian", n_components: int = 10,
                  mixture_radius: float = 4.0, mixture_std: float = 0.5, disc_lr_scale: float = 1.0,
-                 gen_lr_scale: float = 1.0, corruption: dict | None = None):
+                 gen_lr_scale: float = 1.0, posterior_std: float = 0.0, corruption: dict | None = None):
         super().__init__(input_shape, latent_dim, loss, corruption)
         if prior not in PRIORS:
             raise ConfigError(f"unknown prior {prior!r}; use one of {PRIORS}")
         if prior == "mixture" and (latent_dim < 2 or n_components < 1 or mixture_std <= 0):
             raise ConfigError("prior='mixture' needs latent_dim >= 2, n_components >= 1 and mixture_std > 0; got "
                              f"latent_dim={latent_dim}, n_components={n_components}, mixture_std={mixture_std}")
-        self.prior, self.mixture_std = prior, float(mixture_std)
+        if posterior_std < 0:
+            raise ConfigError(f"posterior_std must be >= 0 (0: a deterministic encoder), got {posterior_std}")
+        self.prior, self.mixture_std, self.posterior_std = prior, float(mixture_std), float(posterior_std)
         self.disc_lr_scale, self.gen_lr_scale = float(disc_lr_scale), float(gen_lr_scale)
         sizes = [self.input_dim, *hidden, latent_dim]
         self.encoder = mlp(sizes, activation)  # (B, D) -> (B, k), linear code: the prior decides its range
@@ -72,6 +79,13 @@ class AdversarialAE(Autoencoder):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.flatten(1))
 
+    def _sampled_code(self, x: torch.Tensor) -> torch.Tensor:
+        """A draw of q(z|x) in training, its mean otherwise: (B, k)."""
+        z = self._encode(x)
+        if self.training and self.posterior_std > 0:
+            z = z + self.posterior_std * torch.randn_like(z)
+        return z
+
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
@@ -87,11 +101,11 @@ class AdversarialAE(Autoencoder):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, stage: str = "train",
                 phase: str = "recon") -> dict[str, torch.Tensor]:
         if phase == "recon":
-            recon = reconstruction_loss(self._decode_raw(self._encode(self.corrupt(x))), x, self.loss_kind)
+            recon = reconstruction_loss(self._decode_raw(self._sampled_code(self.corrupt(x))), x, self.loss_kind)
             return {"loss": recon, "recon": recon}
         if phase == "disc":
             with torch.no_grad():  # codes are the "fake" examples here: the encoder is not trained in this phase
-                z = self._encode(x)
+                z = self._sampled_code(x)
             real = self.discriminator(self.sample_prior(len(x)).to(z.dtype))  # (B, 1)
             fake = self.discriminator(z)  # (B, 1)
             logits = torch.cat([real, fake]).squeeze(1)  # (2B,)
@@ -102,7 +116,7 @@ class AdversarialAE(Autoencoder):
         if phase == "gen":
             # Non-saturating generator loss: -log D(E(x)). The discriminator gets gradients here too, but only the
             # gen phase's optimiser (the encoder's) steps, and the disc phase zeroes them before its backward.
-            logits = self.discriminator(self._encode(x)).squeeze(1)
+            logits = self.discriminator(self._sampled_code(x)).squeeze(1)
             gen = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             return {"loss": gen, "gen": gen}
         raise ConfigError(f"aae has phases 'recon', 'disc' and 'gen', not {phase!r}")
