@@ -194,6 +194,41 @@ def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score
     assert len(job.posterior_samples(model, train_x[:50], 300)) == 50  # never more rows than there are
 
 
+def test_parzen_probe_job_scores_each_set_of_centres_on_validation(runs, tmp_path, monkeypatch):
+    """jobs/parzen_probe.py: each row is the protocol's validation score of one set of window centres (training
+    images, decoded codes, moved codes, shrunk reconstructions, the samples); a PCA, which cannot sample, is refused."""
+    import json
+    import sys
+
+    from raeflow.errors import InputError
+    from raeflow.evaluate import parzen_samples, parzen_scores
+
+    job = _load_job("parzen_probe")
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["parzen_probe", str(runs["vae"]), "--model", "model", "--n", "300",
+                                      "--noise", "0", "0.5", "--shrink", "0", "--json", str(out), "--threads", "1"])
+    job.main()
+    res = json.loads(out.read_text())
+    rows = {r["centres"]: r["val_log_likelihood"] for r in res["rows"]}
+    assert list(rows) == ["training images", "decoded codes", "decoded codes + noise 0.0",
+                          "decoded codes + noise 0.5", "decoded codes shrunk 0.0", "samples"]
+    # noise 0 and shrink 0 leave the decoded codes as they are; noise 0.5 moves them
+    assert rows["decoded codes + noise 0.0"] == pytest.approx(rows["decoded codes"])
+    assert rows["decoded codes shrunk 0.0"] == pytest.approx(rows["decoded codes"])
+    assert rows["decoded codes + noise 0.5"] != pytest.approx(rows["decoded codes"])
+    data = load_training_data("digits")
+    val = torch.from_numpy(data.val.x.reshape(len(data.val), -1)).double()
+    model = load_model(runs["vae"] / "model")
+    assert rows["samples"] == pytest.approx(max(parzen_scores(parzen_samples(model, 300), val)))  # the protocol's draws
+    space = res["code_space"]
+    assert space["codes"] == len(data.train) and 0 < space["code_to_nearest_code_median"]
+    assert job.nearest_distances(np.array([[0.0], [1.0], [3.0]]), np.array([[0.0], [1.0], [3.0]]), True).tolist() \
+        == [1.0, 1.0, 2.0]
+    monkeypatch.setattr(sys, "argv", ["parzen_probe", str(runs["pca"]), "--model", "model", "--threads", "1"])
+    with pytest.raises(InputError, match="sample"):
+        job.main()
+
+
 def test_split_difficulty_job_counts_nearest_neighbour_mistakes():
     """jobs/split_difficulty.py: a row is wrong exactly when its nearest reference row has another label."""
     job = _load_job("split_difficulty")
