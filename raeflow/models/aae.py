@@ -1,5 +1,5 @@
-"""Adversarial autoencoder (Makhzani et al. 2015): a deterministic AE whose codes are made to look like prior
-draws by a discriminator, instead of by a KL term as in the VAE.
+"""Adversarial autoencoder (Makhzani et al. 2015): an AE (deterministic, or with a fixed-variance Gaussian
+posterior) whose codes are made to look like prior draws by a discriminator, instead of by a KL term as in the VAE.
 
 One stage, three phases per batch, each with its own optimiser (``Phase.modules``):
 ``recon`` (encoder + decoder minimise the reconstruction loss), ``disc`` (the discriminator learns to tell prior
@@ -114,7 +114,7 @@ class AdversarialAE(Autoencoder):
             acc = ((logits > 0).to(target) == target).float().mean()
             return {"loss": disc, "disc": disc, "disc_acc": acc}
         if phase == "gen":
-            # Non-saturating generator loss: -log D(E(x)). The discriminator gets gradients here too, but only the
+            # Non-saturating generator loss: -log D(z), z the (sampled) code of x. The discriminator gets gradients here too, but only the
             # gen phase's optimiser (the encoder's) steps, and the disc phase zeroes them before its backward.
             logits = self.discriminator(self._sampled_code(x)).squeeze(1)
             gen = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
