@@ -54,7 +54,7 @@ def main() -> None:
 
     from raeflow.config import RunConfig
     from raeflow.errors import InputError
-    from raeflow.evaluate import PARZEN_SIGMAS, parzen_samples, parzen_scores
+    from raeflow.evaluate import PARZEN_SIGMAS, parzen_samples, parzen_scores, posterior_samples, seeded_rows
     from raeflow.io import load_model
     from raeflow.models import capabilities as cap
     from raeflow.train.run import in_memory_data
@@ -70,13 +70,14 @@ def main() -> None:
     if data.val is None:
         raise InputError(f"{run}: the run has no validation split to score on")
     val = torch.from_numpy(data.val.x.reshape(len(data.val), -1)).double()  # (N_val, D)
-    picked = np.sort(np.random.default_rng(0).choice(len(data.train), min(args.n, len(data.train)), replace=False))
-    images = torch.from_numpy(data.train.x[picked])  # (n, *input_shape)
-    with torch.no_grad():
-        codes = torch.cat([model.encode(images[i:i + 1000]) for i in range(0, len(images), 1000)])  # (n, k)
-    recon = decoded(model, codes)
+    x = torch.from_numpy(data.train.x)
+    with torch.no_grad():  # every training code once: the picked rows' below, and the code-space distances
+        z = torch.cat([model.encode(x[i:i + 5000]) for i in range(0, len(x), 5000)])  # (N_train, k)
+    picked = seeded_rows(len(x), args.n)  # the rows posterior_samples reconstructs
+    codes = z[picked]  # (n, k)
+    recon = posterior_samples(model, data.train.x, args.n)  # (n, D)
     g = torch.Generator().manual_seed(1)
-    centres = {"training images": images.reshape(len(images), -1).double(), "decoded codes": recon}
+    centres = {"training images": x[picked].reshape(len(picked), -1).double(), "decoded codes": recon}
     for s in args.noise:
         centres[f"decoded codes + noise {s}"] = decoded(model, codes + s * torch.randn(codes.shape, generator=g))
     for a in args.shrink:
@@ -88,11 +89,10 @@ def main() -> None:
         i = int(np.argmax(scores))
         rows.append({"centres": name, "val_log_likelihood": scores[i], "sigma": float(PARZEN_SIGMAS[i])})
         print(f"{name:>28}: {scores[i]:.1f} nats at sigma {PARZEN_SIGMAS[i]:.3f}", flush=True)
-    x = torch.from_numpy(data.train.x)
-    with torch.no_grad():
-        z = torch.cat([model.encode(x[i:i + 5000]) for i in range(0, len(x), 5000)]).numpy()  # (N_train, k)
+    z = z.numpy()
     prior = np.random.default_rng(2).standard_normal((min(5000, len(z)), z.shape[1])).astype(z.dtype)
-    spacing = {"codes": len(z), "code_to_nearest_code_median": float(np.median(nearest_distances(z, z[:5000], skip_self=True))),
+    spacing = {"codes": len(z),
+               "code_to_nearest_code_median": float(np.median(nearest_distances(z, z[:5000], skip_self=True))),
                "normal_draw_to_nearest_code_median": float(np.median(nearest_distances(z, prior, skip_self=False)))}
     print(f"code space: a training code lies {spacing['code_to_nearest_code_median']:.3f} from its nearest code, "
           f"an N(0, I) draw {spacing['normal_draw_to_nearest_code_median']:.3f} (medians)")

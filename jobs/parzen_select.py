@@ -31,16 +31,6 @@ import torch
 BELOW_BAR = 3
 
 
-@torch.no_grad()
-def posterior_samples(model, x: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
-    """The reconstructions (decoded codes) of ``n`` rows of ``x`` drawn without replacement: (n, D) float64, like
-    ``parzen_samples``. ``model.reconstruct``, not decode(encode()): a variant's own path back (a conv-AE's unpooling
-    needs its encoder's indices)."""
-    rows = torch.from_numpy(x[np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))])
-    return torch.cat([model.reconstruct(rows[i:i + 1000]).reshape(-1, model.input_dim)
-                      for i in range(0, len(rows), 1000)]).double()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a run directory (run.yaml, checkpoints/epoch-NNNN)")
@@ -55,7 +45,7 @@ def main() -> None:
 
     from raeflow.config import RunConfig
     from raeflow.errors import InputError
-    from raeflow.evaluate import PARZEN_SIGMAS, parzen_samples, parzen_scores
+    from raeflow.evaluate import PARZEN_SIGMAS, parzen_samples, parzen_scores, posterior_samples
     from raeflow.io import save_model
     from raeflow.models import capabilities as cap
     from raeflow.train.rundir import load_checkpoint

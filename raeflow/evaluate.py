@@ -198,6 +198,23 @@ def parzen_samples(model, n: int, seed: int = 0) -> torch.Tensor:
                       for i in range(0, n, 1000)]).double()
 
 
+def seeded_rows(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``min(n, total)`` of ``total`` rows drawn without replacement from a seeded generator: the
+    same rows whoever asks."""
+    return np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+
+
+@torch.no_grad()
+def posterior_samples(model, x: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
+    """The reconstructions (decoded codes) of the :func:`seeded_rows` of ``x``: (n, D) float64, like
+    ``parzen_samples``; the Parzen centres a prior matched perfectly to the encoder's codes would give.
+    ``model.reconstruct``, not decode(encode()): a variant's own path back (a conv-AE's unpooling needs its
+    encoder's indices)."""
+    rows = torch.from_numpy(x[seeded_rows(len(x), n, seed)])
+    return torch.cat([model.reconstruct(rows[i:i + 1000]).reshape(-1, model.input_dim)
+                      for i in range(0, len(rows), 1000)]).double()
+
+
 def parzen(model, data: ArrayDataset, train: ArrayDataset | None, opts: dict) -> dict:
     """The standard Parzen protocol (:data:`PARZEN_SIGMAS`): ``parzen_samples`` (10,000) samples of the model as the
     window's centres, sigma chosen on the last 1,000 training images (held out from training by the built-in

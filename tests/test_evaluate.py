@@ -186,12 +186,14 @@ def test_parzen_select_job_chooses_the_kept_epoch_with_the_best_validation_score
         assert res["chosen"]["val_log_likelihood"] == pytest.approx(score)  # the same seeded samples
         assert all(np.isfinite(r["posterior_val_log_likelihood"]) for r in res["epochs"])
     # decoded codes of distinct training rows, in the model's data space
+    from raeflow.evaluate import posterior_samples
+
     model = load_model(runs["vae"] / "model-parzen")
     train_x = load_training_data("digits").train.x
-    post = job.posterior_samples(model, train_x, 300)
+    post = posterior_samples(model, train_x, 300)
     assert post.shape == (300, model.input_dim) and post.dtype == torch.float64
-    assert torch.equal(post, job.posterior_samples(model, train_x, 300))  # seeded
-    assert len(job.posterior_samples(model, train_x[:50], 300)) == 50  # never more rows than there are
+    assert torch.equal(post, posterior_samples(model, train_x, 300))  # seeded
+    assert len(posterior_samples(model, train_x[:50], 300)) == 50  # never more rows than there are
 
 
 def test_parzen_probe_job_scores_each_set_of_centres_on_validation(runs, tmp_path, monkeypatch):
