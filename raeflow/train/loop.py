@@ -88,10 +88,15 @@ class TensorBatches:
             yield self.x[j], (None if self.y is None else self.y[j])
 
 
+def selection_key(metrics: dict[str, Any], name: str) -> str:
+    """The metric an epoch is selected by: ``name``, or without a validation split its training twin
+    (``val_loss`` -> ``train_loss``)."""
+    return name if name in metrics else name.replace("val_", "train_")
+
+
 def selection_value(metrics: dict[str, Any], name: str) -> float:
-    """The selection metric of one epoch's metrics; without a validation split, its training twin
-    (``val_loss`` -> ``train_loss``); NaN when neither exists."""
-    return float(metrics.get(name, metrics.get(name.replace("val_", "train_"), math.nan)))
+    """The value of :func:`selection_key` in one epoch's metrics; NaN when it is absent."""
+    return float(metrics.get(selection_key(metrics, name), math.nan))
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float,

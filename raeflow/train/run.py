@@ -19,7 +19,8 @@ from raeflow.data import SparseRows, TrainingData, load_training_data
 from raeflow.data.stream import StreamedData, choose_read, in_memory_bytes
 from raeflow.io import build_checked, save_model
 from raeflow.models.base import TrainPlan
-from raeflow.train.loop import EpochResult, TensorBatches, Trainer, seed_everything, selection_value
+from raeflow.train.loop import (EpochResult, TensorBatches, Trainer, seed_everything, selection_key,
+                                 selection_value)
 from raeflow.train.report import epoch_line, metrics_row, omp_threads, threads_per_worker
 from raeflow.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from raeflow.errors import InputError
@@ -249,9 +250,10 @@ def summary_table(result: TrainResult, rows: list[dict[str, Any]]) -> str:
         vals = " ".join(f"{r.get(c, math.nan):>15.4f}" for c in cols)
         lines.append(f"{r['epoch']:>5} {r['stage']:<12} {vals} {r.get('samples_per_s', 0):>10.0f}"
                      + ("  *" if r.get("best") else ""))
-    # Without a validation split the trainer selects by the metric's training twin (loop.selection_value): say so,
-    # rather than print a training loss under the validation metric's name.
-    by = sel if any(sel in r for r in rows) else f"{sel.replace('val_', 'train_')} (no validation split)"
+    # Without a validation split the trainer selects by the metric's training twin: say so, rather than print a
+    # training loss under the validation metric's name.
+    key = selection_key(rows[-1] if rows else {}, sel)
+    by = sel if key == sel else f"{key} (no validation split)"
     chosen = (f"selected epoch {result.best_epoch} by {by} = {result.best:.4f}" if math.isfinite(result.best)
               else f"kept the last epoch ({result.best_epoch}; no validation split to select by)")
     lines += ["", f"{chosen}; wall {result.wall_s:.1f}s",
